@@ -1,0 +1,1 @@
+"""LoRA math and artifacts: PEFT-compatible config, the LoRA layer, file I/O, merge, store."""

@@ -1,0 +1,53 @@
+"""A preallocated key/value cache addressed by (cache row, absolute position).
+
+Each sequence owns one cache row; the key of the token at position p lives at index p. A forward
+call writes its tokens' keys at their positions and attends to every index <= the query's
+position. That one rule makes right padding harmless: a pad token's key lands past the row's
+real length, is invisible to the row's real queries, and is overwritten by the next real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (max_rows, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_rows = max_rows
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, config, max_rows: int, max_len: int, dtype: torch.dtype = torch.float32, device="cpu") -> "KVCache":
+        return cls(config.num_hidden_layers, max_rows, max_len, config.num_key_value_heads, config.head_dim, dtype, device)
+
+    def update(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor | None,
+        span: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, kv_heads, T, hd) keys/values at `positions` (B, T) of cache `rows` (B,)
+        (None = rows 0..B-1), and return each row's keys/values at indices [0, span)."""
+        batch = keys.shape[0]
+        row_index = (torch.arange(batch, device=keys.device) if rows is None else rows)[:, None]
+        # Advanced indices around a slice put the indexed dims first: (B, T, kv_heads, hd).
+        self.keys[layer][row_index, :, positions] = keys.transpose(1, 2)
+        self.values[layer][row_index, :, positions] = values.transpose(1, 2)
+        if rows is None:
+            return self.keys[layer][:batch, :, :span], self.values[layer][:batch, :, :span]
+        return self.keys[layer][rows, :, :span], self.values[layer][rows, :, :span]

@@ -1,0 +1,66 @@
+"""Load a `CausalLM` from a Hugging Face folder (config.json + safetensors, single or sharded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from backbone.config import ModelConfig
+from backbone.errors import ModelLoadError
+from backbone.model import CausalLM
+from backbone.rope import inverse_frequencies
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
+    """Build the model the folder's config describes and fill it with the folder's weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist; pass a Hugging Face model folder or `default`")
+    config = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    state = read_weights(folder, dtype)
+    expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ModelLoadError(
+            f"{folder}: the weights lack {len(missing)} tensor(s) the config requires, first {missing[0]!r}; "
+            "the checkpoint is incomplete or belongs to another config"
+        )
+    for name, param in model.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"{folder}: tensor {name!r} has shape {tuple(state[name].shape)}, the config implies {tuple(param.shape)}"
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = inverse_frequencies(config)  # buffers made on the meta device hold no data
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def read_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors files, converted to `dtype`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        raise ModelLoadError(f"{folder} holds no model.safetensors nor model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise ModelLoadError(f"shard {file} named by the index is missing")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    state[name] = handle.get_tensor(name).to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ModelLoadError(f"{file} is truncated or corrupt ({err}); download it again") from None
+    return state

@@ -1,0 +1,1 @@
+"""Which adapter serves a request: task table, aliases and versions, A/B arms, resident slots."""

@@ -1,0 +1,1 @@
+"""The runtime: generation engine, HTTP app, schemas, auth, limits, metrics, and the CLI."""

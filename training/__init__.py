@@ -1,0 +1,1 @@
+"""Multi-task LoRA training: data, samplers, gradient surgery, the trainer, evaluation, reports."""
