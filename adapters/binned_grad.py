@@ -1,0 +1,68 @@
+"""The shared adapter's delta with a backward that also bins weight gradients by task.
+
+Rows of a batch are independent, so d(loss_t)/dA is the sum of the per-row contributions of task
+t's rows. Splitting the ordinary weight-gradient matmuls by task gives all T per-task gradients for
+the cost of one backward pass; their sum is the ordinary gradient, which autograd receives as
+usual. The per-task parts are added into `sink` (accumulating across micro-batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TaskGradSink:
+    """Per-task gradients of one layer's shared A (T, r, in) and B (T, out, r)."""
+
+    grad_A: torch.Tensor
+    grad_B: torch.Tensor
+
+    def zero_(self) -> None:
+        self.grad_A.zero_()
+        self.grad_B.zero_()
+
+
+class _BinnedSharedDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scale, task_ids, sink):  # x (N, in), A (r, in), B (out, r)
+        hidden = x @ lora_A.T  # (N, r)
+        ctx.save_for_backward(x, lora_A, lora_B, hidden, task_ids)
+        ctx.scale, ctx.sink = scale, sink
+        return (hidden @ lora_B.T) * scale  # (N, out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_A, lora_B, hidden, task_ids = ctx.saved_tensors
+        grad_out = grad_out * ctx.scale
+        grad_hidden = grad_out @ lora_B  # (N, r)
+        grad_A = torch.zeros_like(lora_A)
+        grad_B = torch.zeros_like(lora_B)
+        for task in range(ctx.sink.grad_A.shape[0]):
+            rows = (task_ids == task).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            task_grad_A = grad_hidden[rows].T @ x[rows]  # (r, in)
+            task_grad_B = grad_out[rows].T @ hidden[rows]  # (out, r)
+            ctx.sink.grad_A[task] += task_grad_A
+            ctx.sink.grad_B[task] += task_grad_B
+            grad_A += task_grad_A
+            grad_B += task_grad_B
+        return grad_hidden @ lora_A, grad_A, grad_B, None, None, None
+
+
+def binned_shared_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    task_ids: torch.Tensor,
+    sink: TaskGradSink,
+) -> torch.Tensor:
+    """(B, T, in) -> (B, T, out) shared-adapter delta; `task_ids` is per batch row."""
+    batch, length, width = x.shape
+    token_tasks = task_ids[:, None].expand(batch, length).reshape(-1)
+    out = _BinnedSharedDelta.apply(x.reshape(-1, width), lora_A, lora_B, scale, token_tasks, sink)
+    return out.view(batch, length, -1)

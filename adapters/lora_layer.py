@@ -1,0 +1,151 @@
+"""One LoRA linear layer for training and serving (DESIGN decision 2).
+
+The frozen base weight plus stacked adapter slots: A (S, r_max, in), B (S, out, r_max) and
+scale (S,). An adapter of rank r < r_max fills the first r rows of A / columns of B; the rest stay
+zero, so padding changes nothing. Each row of a batch picks its slot through the routing passed
+with the call; -1 means the base alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.binned_grad import TaskGradSink, binned_shared_delta
+from adapters.routing import AdapterRouting
+from backbone.model import Projection
+
+
+class LoraLinear(Projection):
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # shared with the base model: frozen, never copied
+        self.bias = base.bias
+        device, dtype = base.weight.device, base.weight.dtype
+        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, device=device, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, max_rank, device=device, dtype=dtype))
+        self.register_buffer("lora_scale", torch.zeros(num_slots, device=device, dtype=dtype))
+        # Training only: slots whose A/B are parameters (str(slot) -> tensor), and the per-task
+        # gradient bins of the shared slot.
+        self.trainable_A = nn.ParameterDict()
+        self.trainable_B = nn.ParameterDict()
+        self.task_grads: TaskGradSink | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    # ---- slot contents -------------------------------------------------------------------
+
+    def set_slot(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float) -> None:
+        """Write one adapter's (r, in) / (out, r) weights into `slot`; None clears the slot (an
+        adapter that does not target this module adds nothing here)."""
+        with torch.no_grad():
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.lora_scale[slot] = 0.0
+            if lora_A is None or lora_B is None:
+                return
+            rank = lora_A.shape[0]
+            if rank > self.max_rank:
+                raise ValueError(f"adapter rank {rank} exceeds this layer's maximum {self.max_rank}")
+            self.lora_A[slot, :rank].copy_(lora_A)
+            self.lora_B[slot, :, :rank].copy_(lora_B)
+            self.lora_scale[slot] = scale
+
+    def make_trainable(self, slot: int) -> None:
+        """Turn `slot` into parameters with gradients (initialised from the buffers)."""
+        self.trainable_A[str(slot)] = nn.Parameter(self.lora_A[slot].clone())
+        self.trainable_B[str(slot)] = nn.Parameter(self.lora_B[slot].clone())
+
+    def freeze_trainable(self) -> None:
+        """Copy trained parameters back into the buffers and drop them."""
+        with torch.no_grad():
+            for key in list(self.trainable_A):
+                self.lora_A[int(key)].copy_(self.trainable_A[key])
+                self.lora_B[int(key)].copy_(self.trainable_B[key])
+        self.trainable_A.clear()
+        self.trainable_B.clear()
+
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (r_max, in) / (out, r_max) weights of a slot, trained values included."""
+        key = str(slot)
+        if key in self.trainable_A:
+            return self.trainable_A[key], self.trainable_B[key]
+        return self.lora_A[slot], self.lora_B[slot]
+
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.trainable_A:
+            return self.lora_A, self.lora_B
+        # Differentiable stack: trained slots carry gradients, the rest are constants.
+        slots = range(self.num_slots)
+        return (
+            torch.stack([self.slot_weights(s)[0] for s in slots]),
+            torch.stack([self.slot_weights(s)[1] for s in slots]),
+        )
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, routing: AdapterRouting | None = None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if routing is None:
+            return out
+        lora_A, lora_B = self._stacks()
+        if routing.active_slots.numel() > 0:
+            out = out + self._per_row_delta(x, routing, lora_A, lora_B)
+        if routing.shared_slot is not None:
+            out = out + self._shared_delta(x, routing, lora_A[routing.shared_slot], lora_B[routing.shared_slot])
+        return out
+
+    def _per_row_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
+        if x.shape[1] == 1:
+            return self._decode_delta(x, routing, lora_A, lora_B)
+        # Prefill/training: gather each row's A/B and run batched matmuls; the compute is the
+        # minimum (each token through its own adapter only).
+        slots = routing.slot_ids.clamp(min=0)
+        scale = self.lora_scale[slots] * (routing.slot_ids >= 0)  # rows on the base get 0
+        hidden = torch.bmm(x, lora_A[slots].transpose(1, 2))  # (B, T, r)
+        return torch.bmm(hidden, lora_B[slots].transpose(1, 2)) * scale[:, None, None].to(x.dtype)
+
+    def _decode_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
+        # One token per row: run every row through the adapters in use (U of them) as one dense
+        # matmul, then keep each row's own block. Weights are read once per distinct adapter, not
+        # once per row, which is what matters when many rows share an adapter.
+        active = routing.active_slots
+        used, rank = active.numel(), self.max_rank
+        batch = x.shape[0]
+        hidden = x[:, 0] @ lora_A[active].reshape(used * rank, -1).T  # (B, U*r)
+        keep = torch.zeros(batch, used, dtype=x.dtype, device=x.device)
+        on_adapter = routing.row_to_active >= 0
+        rows = on_adapter.nonzero().squeeze(1)
+        keep[rows, routing.row_to_active[rows]] = self.lora_scale[routing.slot_ids[rows]].to(x.dtype)
+        hidden = (hidden.view(batch, used, rank) * keep[:, :, None]).view(batch, used * rank)
+        b_stack = lora_B[active].permute(0, 2, 1).reshape(used * rank, -1)  # (U*r, out)
+        return (hidden @ b_stack)[:, None]
+
+    def _shared_delta(self, x, routing: AdapterRouting, shared_A, shared_B) -> torch.Tensor:
+        scale = float(self.lora_scale[routing.shared_slot])
+        if routing.task_ids is not None and self.task_grads is not None and torch.is_grad_enabled():
+            return binned_shared_delta(x, shared_A, shared_B, scale, routing.task_ids, self.task_grads)
+        return (x @ shared_A.T) @ shared_B.T * scale
+
+
+def reference_lora_forward(layer: LoraLinear, x: torch.Tensor, routing: AdapterRouting) -> torch.Tensor:
+    """The plain definition, one row at a time: base + scale_s * x A_s^T B_s^T (+ shared)."""
+    outputs = []
+    for row in range(x.shape[0]):
+        out = F.linear(x[row], layer.weight, layer.bias)
+        slots = [int(routing.slot_ids[row])] + ([routing.shared_slot] if routing.shared_slot is not None else [])
+        for slot in slots:
+            if slot < 0:
+                continue
+            lora_A, lora_B = layer.slot_weights(slot)
+            out = out + (x[row] @ lora_A.T) @ lora_B.T * layer.lora_scale[slot]
+        outputs.append(out)
+    return torch.stack(outputs)

@@ -1,0 +1,38 @@
+"""The per-batch adapter routing every LoRA layer reads: which slot serves each row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AdapterRouting:
+    """Travels with one forward call (never stored on modules), so concurrent batches are apart.
+
+    slot_ids: (B,) long, the resident slot of each row's adapter; -1 = the base model only.
+    shared_slot: a slot added to every row on top of its own (training's shared adapter).
+    task_ids: (B,) long, each row's task, with `num_tasks`: the shared slot's backward then also
+      bins its weight gradients per task (gradient surgery from one backward pass).
+    """
+
+    slot_ids: torch.Tensor
+    shared_slot: int | None = None
+    task_ids: torch.Tensor | None = None
+    num_tasks: int = 0
+    # Derived once per batch, reused by every layer: the distinct slots in use and, for each
+    # row, its position among them.
+    active_slots: torch.Tensor = field(init=False)
+    row_to_active: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slot_ids = self.slot_ids.long()
+        used = self.slot_ids[self.slot_ids >= 0]
+        self.active_slots, inverse = torch.unique(used, return_inverse=True)
+        self.row_to_active = torch.full_like(self.slot_ids, -1)
+        self.row_to_active[self.slot_ids >= 0] = inverse
+
+    @classmethod
+    def single(cls, slot: int, batch: int) -> "AdapterRouting":
+        return cls(torch.full((batch,), slot, dtype=torch.long))
