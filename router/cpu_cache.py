@@ -1,0 +1,67 @@
+"""Parsed adapter weights kept in CPU memory, least recently used first out.
+
+The middle tier between the disk and the resident slots: a request whose adapter is here is one
+tensor copy away from a slot; one that is not waits for a disk read. Thread-safe, because loads
+finish on a background thread while the engine's worker reads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Protocol
+
+
+class SizedWeights(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+class CpuAdapterCache:
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any | None:
+        """The weights of `key` (marked most recently used), or None."""
+        with self._lock:
+            weights = self._entries.get(key)
+            if weights is not None:
+                self._entries.move_to_end(key)
+            return weights
+
+    def put(self, key: str, weights: SizedWeights) -> list[str]:
+        """Keep `weights` under `key`; returns the keys evicted to stay within `max_entries`."""
+        with self._lock:
+            self._entries[key] = weights
+            self._entries.move_to_end(key)
+            evicted = []
+            while len(self._entries) > self.max_entries:
+                old_key, _ = self._entries.popitem(last=False)
+                evicted.append(old_key)
+            return evicted
+
+    def pop(self, key: str) -> Any | None:
+        with self._lock:
+            return self._entries.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def keys(self) -> list[str]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(weights.nbytes for weights in self._entries.values())
