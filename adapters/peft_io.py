@@ -1,0 +1,263 @@
+"""Read and write adapters in PEFT's format (DESIGN decision 3), validating on the way in.
+
+A folder holds adapter_config.json and adapter_model.safetensors with keys
+`base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r); some tools write
+`.lora_A.<adapter name>.weight`, which reads the same. Tensors arrive as fp32 whatever the file
+holds. Every way a file can be wrong has its own error naming the file, the tensor and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from backbone.config import ModelConfig
+
+from adapters.config import LoraConfig
+from adapters.errors import (
+    AdapterConfigError,
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    CorruptAdapterFileError,
+    NonFiniteWeightsError,
+    RankTooLargeError,
+    ShapeMismatchError,
+    UnknownTargetModuleError,
+    UnpairedTensorError,
+    UnsupportedAdapterError,
+)
+from adapters.module_shapes import linear_shapes
+from adapters.weights import AdapterWeights
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<half>A|B)(?:\.[^.]+)?\.weight$")
+# Tensors of PEFT features we do not serve, by the key fragment that gives them away.
+_UNSUPPORTED_KEYS = {
+    "lora_embedding_": "LoRA on embeddings is not supported; use an adapter on linear modules only",
+    "lora_magnitude_vector": "DoRA magnitude vectors are not supported; retrain with use_dora=false",
+    "modules_to_save": "modules_to_save weights are not supported; retrain without modules_to_save",
+}
+
+
+def read_adapter(path: str | Path) -> AdapterWeights:
+    """Parse a PEFT adapter folder on its own: config, key names, pairs, dtypes, finiteness.
+    Checks that need the base model are `load_adapter`'s."""
+    folder = _adapter_folder(Path(path))
+    config = read_config(folder / CONFIG_FILE)
+    raw = _read_tensors(folder / WEIGHTS_FILE)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    file = folder / WEIGHTS_FILE
+    for key, tensor in raw.items():
+        module, half = _parse_key(file, key)
+        if not tensor.dtype.is_floating_point:
+            raise CorruptAdapterFileError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; LoRA weights are floats")
+        if tensor.dim() != 2:
+            raise ShapeMismatchError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}; LoRA weights are matrices "
+                "(lora_A (r, in), lora_B (out, r))"
+            )
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteWeightsError(
+                f"{file}: tensor {key!r} holds NaN or infinite values; the training run diverged, use an earlier checkpoint"
+            )
+        halves.setdefault(module, {})[half] = tensor.float()
+    tensors = {}
+    for module, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            present, absent = ("A", "B") if "A" in pair else ("B", "A")
+            raise UnpairedTensorError(
+                f"{file}: module {module!r} has lora_{present} but no lora_{absent}; the file is incomplete, "
+                "save the adapter again"
+            )
+        lora_A, lora_B = pair["A"], pair["B"]
+        if lora_B.shape[1] != lora_A.shape[0]:
+            raise ShapeMismatchError(
+                f"{file}: module {module!r} has lora_A of rank {lora_A.shape[0]} but lora_B of rank "
+                f"{lora_B.shape[1]}; the two halves come from different adapters"
+            )
+        expected_rank = config.rank_for(module)
+        if lora_A.shape[0] != expected_rank:
+            raise ShapeMismatchError(
+                f"{file}: module {module!r} has rank {lora_A.shape[0]} but the config gives it rank "
+                f"{expected_rank} (r / rank_pattern); fix adapter_config.json to match the weights"
+            )
+        if not config.targets(module):
+            # PEFT ignores weights its config does not place; doing the same keeps logits equal.
+            log.warning("%s: module %r is not among the config's target_modules; its weights are ignored", file, module)
+            continue
+        tensors[module] = (lora_A, lora_B)
+    if not tensors:
+        raise AdapterConfigError(f"{file} holds no LoRA weights for the modules its config targets; save the adapter again")
+    return AdapterWeights(config, dict(sorted(tensors.items())), source=str(folder))
+
+
+def load_adapter(
+    path: str | Path,
+    model_config: ModelConfig,
+    *,
+    max_rank: int | None = None,
+    strict_base: bool = False,
+    served_model_name: str | None = None,
+) -> AdapterWeights:
+    """Read and validate an adapter against the base model it will run on."""
+    weights = read_adapter(path)
+    file = Path(weights.source) / WEIGHTS_FILE
+    shapes = linear_shapes(model_config)
+    for module, (lora_A, lora_B) in weights.tensors.items():
+        if module not in shapes:
+            hint = (
+                "LoRA on lm_head is not supported here"
+                if module == "lm_head"
+                else f"the base has {model_config.num_hidden_layers} layers with modules like {next(iter(shapes))!r}"
+            )
+            raise UnknownTargetModuleError(
+                f"{file}: adapter targets module {module!r}, which the base model does not have ({hint}); "
+                "use an adapter trained for this base model"
+            )
+        in_features, out_features = shapes[module]
+        if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
+            raise ShapeMismatchError(
+                f"{file}: module {module!r} has lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)}, but the "
+                f"base module is {in_features} -> {out_features}, so (r, {in_features}) / ({out_features}, r) are "
+                "expected; the adapter was trained for a different base model"
+            )
+        if max_rank is not None and lora_A.shape[0] > max_rank:
+            raise RankTooLargeError(
+                f"{file}: module {module!r} has rank {lora_A.shape[0]}, above the maximum rank {max_rank}; "
+                "raise the maximum rank (--max-rank / --max-lora-rank) or use a lower-rank adapter"
+            )
+    mismatch = _base_mismatch(weights.config.base_model_name_or_path, model_config, served_model_name)
+    if mismatch:
+        if strict_base:
+            raise BaseModelMismatchError(f"{file}: {mismatch}; drop strict base checking to load it anyway")
+        log.warning("%s: %s", weights.source, mismatch)
+        weights.warnings.append(mismatch)
+    return weights
+
+
+def save_adapter(path: str | Path, weights: AdapterWeights) -> Path:
+    """Write `weights` as a PEFT folder at `path`, atomically: readers see the old folder or
+    the new one, never a half-written one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        write_adapter_files(staging, weights)
+        if target.exists():
+            retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, retired)
+            os.rename(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_adapter_files(folder: Path, weights: AdapterWeights) -> None:
+    """Write the two PEFT files into an existing (private, not yet visible) folder."""
+    state = {}
+    for module, (lora_A, lora_B) in weights.tensors.items():
+        state[f"{KEY_PREFIX}{module}.lora_A.weight"] = lora_A.detach().float().contiguous().cpu()
+        state[f"{KEY_PREFIX}{module}.lora_B.weight"] = lora_B.detach().float().contiguous().cpu()
+    _write_durably(folder / CONFIG_FILE, (json.dumps(weights.config.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    _fsync(folder / WEIGHTS_FILE)
+
+
+def read_config(file: Path) -> LoraConfig:
+    if not file.is_file():
+        raise AdapterNotFoundError(f"{file} not found: a PEFT adapter folder needs {CONFIG_FILE}")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise AdapterNotFoundError(f"{file} cannot be read ({err}); check its permissions") from None
+    except json.JSONDecodeError as err:
+        raise AdapterConfigError(f"{file} is not valid JSON ({err}); save the adapter again") from None
+    try:
+        return LoraConfig.from_dict(raw)
+    except (AdapterConfigError, UnsupportedAdapterError) as err:
+        raise type(err)(f"{file}: {err}") from None
+
+
+def _adapter_folder(path: Path) -> Path:
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise AdapterNotFoundError(f"adapter folder {path} does not exist; pass a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    return path
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        if file.with_name("adapter_model.bin").is_file():
+            raise UnsupportedAdapterError(
+                f"{file.parent} holds adapter_model.bin (pickle); convert it to {WEIGHTS_FILE} with PEFT "
+                "(save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterNotFoundError(f"{file} not found: a PEFT adapter folder needs {WEIGHTS_FILE}")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except PermissionError as err:
+        raise AdapterNotFoundError(f"{file} cannot be read ({err}); check its permissions") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CorruptAdapterFileError(f"{file} is truncated or corrupt ({err}); copy or save the adapter again") from None
+
+
+def _parse_key(file: Path, key: str) -> tuple[str, str]:
+    for fragment, message in _UNSUPPORTED_KEYS.items():
+        if fragment in key:
+            raise UnsupportedAdapterError(f"{file}: tensor {key!r}: {message}")
+    name = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+    match = _LORA_KEY.match(name)
+    if match is None:
+        raise UnsupportedAdapterError(
+            f"{file}: tensor {key!r} is not a LoRA weight ({KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight); "
+            "only plain LoRA adapters load here"
+        )
+    return match.group("module"), match.group("half")
+
+
+def _base_mismatch(recorded: str | None, model_config: ModelConfig, served_model_name: str | None) -> str | None:
+    """A message when the adapter records a base other than the served one (advisory)."""
+    if not recorded:
+        return None
+    ours = [n for n in (served_model_name, model_config.name_or_path) if n]
+    if not ours:
+        return None
+
+    def short(name: str) -> str:
+        return Path(str(name).rstrip("/")).name.lower()
+
+    if any(recorded == name or short(recorded) == short(name) for name in ours):
+        return None
+    return f"adapter was trained on base model {recorded!r}, the served model is {ours[0]!r}"
+
+
+def _write_durably(file: Path, data: bytes) -> None:
+    with open(file, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
