@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 
 from backbone.config import ModelConfig
 
 from adapters.errors import AdapterError
-from adapters.merged_export import export_merged, resolve_model_folder
+from adapters.merged_export import export_merged
+from adapters.model_spec import resolve_model_folder, served_model_name
 from adapters.peft_io import load_adapter
 from adapters.store import AdapterStore
 
@@ -41,7 +43,13 @@ def run_validate(args: argparse.Namespace) -> int:
     try:
         folder = resolve_model_folder(args.model)
         model_config = ModelConfig.from_folder(folder)
-        weights = load_adapter(args.path, model_config, max_rank=args.max_rank, strict_base=args.strict_base)
+        weights = load_adapter(
+            args.path,
+            model_config,
+            max_rank=args.max_rank,
+            strict_base=args.strict_base,
+            served_model_name=served_model_name(args.model),
+        )
     except AdapterError as err:
         print(f"INVALID {args.path}: {err}", file=sys.stderr)
         return 2
@@ -61,6 +69,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    if not Path(args.root).is_dir():
+        print(f"no adapter store at {args.root}", file=sys.stderr)
+        return 2
     store = AdapterStore(args.root)
     names = store.list_adapters()
     if not names:

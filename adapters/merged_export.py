@@ -7,7 +7,6 @@ not at all (temporary sibling + rename).
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import uuid
@@ -21,6 +20,7 @@ from backbone.model import CausalLM
 
 from adapters.errors import AdapterError
 from adapters.merge import merge_adapter
+from adapters.model_spec import resolve_model_folder, served_model_name
 from adapters.peft_io import load_adapter
 
 # Files of a model folder that travel unchanged into the merged folder.
@@ -38,30 +38,13 @@ COPIED_FILES = (
 )
 
 
-def resolve_model_folder(spec: str) -> Path:
-    """`default` or a folder path -> the model folder, through backbone.model_source when present."""
-    try:
-        source = importlib.import_module("backbone.model_source")
-    except ModuleNotFoundError as err:
-        if err.name != "backbone.model_source":
-            raise
-        source = None
-    if source is not None:
-        return Path(source.resolve_model(spec))
-    folder = Path(spec)
-    if spec == "default" or not folder.is_dir():
-        raise AdapterError(
-            f"model {spec!r} is not a model folder; pass the path of a Hugging Face model folder (config.json + "
-            "model.safetensors)"
-        )
-    return folder
-
-
 def export_merged(model_spec: str, adapter_path: str | Path, out: str | Path, strict_base: bool = False) -> Path:
     """Load the base, merge the adapter, write the merged folder to `out`; returns `out`."""
     folder = resolve_model_folder(model_spec)
     model = load_model(folder)
-    weights = load_adapter(adapter_path, model.config, strict_base=strict_base)
+    weights = load_adapter(
+        adapter_path, model.config, strict_base=strict_base, served_model_name=served_model_name(model_spec)
+    )
     merge_adapter(model, weights)
     return write_model_folder(model, folder, Path(out))
 
