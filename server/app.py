@@ -1,0 +1,257 @@
+"""The FastAPI app: `create_app(settings)` builds the engine in the lifespan, so tests build an
+app around a tiny model and `loraplex serve` around the real one.
+
+Middleware is plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched:
+one layer gives each request an id (echoing `X-Request-Id`) and writes the access log line,
+one enforces the body size limit before any handler parses JSON."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from uuid import uuid4
+
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backbone.model_source import load_pretrained, served_model_name
+from backbone.tokenizer import Tokenizer
+from router.path_guard import PathGuard
+from router.request_router import RequestRouter
+from router.task_table import TaskRoute, TaskTable
+from server.auth import OPEN_GRANT, ApiKeys, Grant
+from server.engine import Engine, EngineConfig
+from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
+from server.metrics import UNROUTED, ServerMetrics
+
+access_log = logging.getLogger("loraplex.access")
+log = logging.getLogger("loraplex.server")
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # echoed into headers and logs: keep it tame
+
+
+@dataclass
+class ServerSettings:
+    model: str = "default"  # "default" or a Hugging Face model folder
+    served_model_name: str | None = None  # the base's name in `model` and `X-Adapter`; default from the model
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder, registered at startup
+    tasks: dict[str, TaskRoute] = field(default_factory=dict)
+    api_keys: ApiKeys | None = None  # None = no authentication (bind to loopback)
+    adapter_roots: list[str] = field(default_factory=list)  # where HTTP clients may load adapters from
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers use; built once in the lifespan and kept on `app.state.server`."""
+
+    settings: ServerSettings
+    engine: Engine
+    tokenizer: Tokenizer
+    base_name: str
+    max_context: int
+    tasks: TaskTable
+    router: RequestRouter
+    guard: PathGuard
+    metrics: ServerMetrics
+    started: float = field(default_factory=time.time)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    holder: dict[str, Engine] = {}
+    metrics = ServerMetrics(stats_source=lambda: holder["engine"].stats() if "engine" in holder else None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = build_state(settings, metrics)
+        holder["engine"] = state.engine
+        app.state.server = state
+        log.info(
+            "serving %s (context %d) with %d adapter(s), %d task(s)",
+            state.base_name, state.max_context, len(state.engine.adapter_infos()), len(state.tasks.snapshot()),
+        )
+        try:
+            yield
+        finally:
+            holder.pop("engine", None)
+            state.engine.shutdown()
+
+    # The route modules import this module's dependencies, so they are imported here, not above.
+    from server.routes_adapters import router as adapters_router
+    from server.routes_completions import router as completions_router
+    from server.routes_health import router as health_router
+    from server.routes_tasks import router as tasks_router
+
+    app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    for router in (completions_router, adapters_router, tasks_router, health_router):
+        app.include_router(router)
+    # Added last = outermost: the request id exists before the body limit can refuse a request.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def get_grant(request: Request) -> Grant:
+    """The caller's grant from `Authorization: Bearer KEY`; everything is allowed without keys."""
+    keys = request.app.state.server.settings.api_keys
+    if keys is None:
+        return OPEN_GRANT
+    return keys.authenticate(request.headers.get("authorization"))
+
+
+def get_admin(request: Request) -> Grant:
+    grant = get_grant(request)
+    grant.require_admin()
+    return grant
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+GrantDep = Annotated[Grant, Depends(get_grant)]
+AdminDep = Annotated[Grant, Depends(get_admin)]
+
+
+def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState:
+    """Load the model, start the engine, register the configured adapters and tasks. Any bad
+    adapter or task here stops startup: a server should not come up half-configured."""
+    model, tokenizer = load_pretrained(settings.model)
+    base_name = settings.served_model_name or served_model_name(settings.model)
+    engine = Engine(model, tokenizer, settings.engine, base_name)
+    engine.start()
+    try:
+        for name, path in settings.adapters.items():
+            info = engine.register_adapter(name, Path(path))
+            for warning in info.warnings:
+                log.warning("adapter %s: %s", info.key, warning)
+        tasks = TaskTable()
+        registered = {info.name for info in engine.adapter_infos()}
+        for task, route in settings.tasks.items():
+            missing = [adapter for adapter in route.adapters if adapter not in registered]
+            if missing:
+                raise ValueError(
+                    f"task {task!r} routes to adapter(s) {missing} that are not registered; "
+                    "add them with --adapter NAME=PATH (or under `adapters:` in the config file)"
+                )
+            tasks.put(task, route)
+    except BaseException:
+        engine.shutdown()
+        raise
+    router = RequestRouter(tasks, lambda: {info.name for info in engine.adapter_infos()}, base_name)
+    return ServerState(
+        settings=settings,
+        engine=engine,
+        tokenizer=tokenizer,
+        base_name=base_name,
+        max_context=engine.max_context,
+        tasks=tasks,
+        router=router,
+        guard=PathGuard(settings.adapter_roots),
+        metrics=metrics,
+    )
+
+
+class RequestContextMiddleware:
+    """Request id (echo `X-Request-Id` or make one), access log line, error counter."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = _header(scope, b"x-request-id")
+        request_id = supplied if supplied and REQUEST_ID_PATTERN.match(supplied) else uuid4().hex
+        started = time.monotonic()
+        scope.setdefault("state", {}).update(request_id=request_id, arrival=started)
+        status = 500
+        status_sent = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, status_sent
+            if message["type"] == "http.response.start":
+                status, status_sent = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as err:  # a bug in one request must not take the connection or server down
+            if status_sent:
+                log.exception("request %s failed after its response started", request_id)
+            else:
+                await to_response(err)(scope, receive, send_with_id)
+        finally:
+            if status >= 400:
+                adapter = scope["state"].get("adapter_label", UNROUTED)
+                self.metrics.errors.labels(adapter, str(status)).inc()
+            access_log.info(
+                "%s %s %s %d %.1fms adapter=%s",
+                request_id, scope["method"], scope["path"], status, (time.monotonic() - started) * 1000,
+                scope["state"].get("adapter_label", UNROUTED),
+            )
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, by Content-Length or, for chunked uploads, by counting."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await to_response(BodyTooLargeError(self.max_bytes))(scope, receive, send)
+            return
+        # Read the body here (it is bounded) and replay it, so the limit holds without a length.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await to_response(BodyTooLargeError(self.max_bytes))(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later reads wait for the disconnect, as handlers expect
+
+        await self.app(scope, replay, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None

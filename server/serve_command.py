@@ -1,0 +1,144 @@
+"""`loraplex serve`: settings from flags and an optional YAML config, then uvicorn.
+
+Flags win over the config file; lists (adapters, tasks, roots) are merged, flags last. The
+config file holds the same settings under the flags' names, plus inline `api_keys`:
+
+    model: default
+    adapters: {summarize-v1: /srv/adapters/summarize/v1}
+    tasks: {summarize: summarize-v1, qa: {arms: {qa-a: 0.5, qa-b: 0.5}}}
+    adapter_roots: [/srv/adapters]
+    max_loras: 8
+    api_keys: keys.yaml          # a file, or the mapping itself
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import uvicorn
+
+from router.task_table import TaskRoute, check_name, parse_task_spec, route_from_json
+from server.app import ServerSettings, create_app
+from server.auth import ApiKeys
+from server.engine import EngineConfig
+
+# Config-file keys that map onto EngineConfig fields of the same name.
+ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
+SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes")
+KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
+
+
+class ServeConfigError(ValueError):
+    """The serve config file or a flag is malformed."""
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve the OpenAI-compatible API over one base model and many adapters",
+        description="Serve the OpenAI-compatible API (chat and completions) with LoRA adapters routed by task.",
+    )
+    serve.add_argument("--model", help="`default` (SmolLM2-135M-Instruct) or a Hugging Face model folder")
+    serve.add_argument("--served-model-name", help="the base model's name in the API (default: from the model)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="register an adapter at startup")
+    serve.add_argument("--task", action="append", default=[], metavar="TASK=ADAPTER",
+                       help="route a task to an adapter; TASK=A:0.9,B:0.1 splits it into A/B arms")
+    serve.add_argument("--config", type=Path, help="YAML file with the same settings")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--max-loras", type=int, help="resident adapter slots (default 8)")
+    serve.add_argument("--max-cpu-loras", type=int, help="parsed adapters kept in CPU memory (default 32)")
+    serve.add_argument("--max-lora-rank", type=int, help="largest adapter rank served (default 64)")
+    serve.add_argument("--max-running", type=int, help="requests decoding at once (default 16)")
+    serve.add_argument("--max-queued", type=int, help="waiting requests before 429 (default 256)")
+    serve.add_argument("--max-context", type=int, help="prompt + max_tokens limit (default: the model's)")
+    serve.add_argument("--request-timeout", type=float, help="seconds from arrival to last token (default 600)")
+    serve.add_argument("--api-keys", type=Path, help="YAML/JSON file: key -> {tenant, tasks, adapters, admin}")
+    serve.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                       help="folder HTTP clients may load adapters from (repeatable); none = HTTP loading off")
+    serve.add_argument("--strict-base", action="store_true", default=None,
+                       help="refuse adapters that record another base model")
+    serve.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    config = load_config(args.config) if args.config else {}
+    base_dir = args.config.parent if args.config else Path.cwd()
+    flags = {
+        "model": args.model, "served_model_name": args.served_model_name, "host": args.host, "port": args.port,
+        "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
+        "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
+        "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base,
+    }
+    merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
+
+    adapters = {name: str(_relative_to(base_dir, path)) for name, path in _mapping(config, "adapters").items()}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ServeConfigError(f"--adapter {spec!r} must look like NAME=PATH")
+        adapters[check_name(name, "adapter")] = path
+    tasks: dict[str, TaskRoute] = {}
+    for task, target in _mapping(config, "tasks").items():
+        tasks[check_name(task, "task")] = route_from_json(target)
+    for spec in args.task:
+        task, route = parse_task_spec(spec)
+        tasks[task] = route
+
+    api_keys = None
+    if args.api_keys is not None:
+        api_keys = ApiKeys.from_file(args.api_keys)
+    elif isinstance(config.get("api_keys"), str):
+        api_keys = ApiKeys.from_file(_relative_to(base_dir, config["api_keys"]))
+    elif config.get("api_keys") is not None:
+        api_keys = ApiKeys.from_mapping(config["api_keys"], source=f"{args.config}: api_keys")
+
+    roots = [str(_relative_to(base_dir, root)) for root in config.get("adapter_roots") or []] + list(args.adapter_root)
+    try:
+        engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
+    except TypeError as err:
+        raise ServeConfigError(f"engine settings are malformed: {err}") from None
+    server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
+    return ServerSettings(
+        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields
+    )
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ServeConfigError(f"cannot read --config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ServeConfigError(f"--config {path} is not valid YAML: {err}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ServeConfigError(f"--config {path} must hold a mapping of settings")
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise ServeConfigError(f"--config {path}: unknown setting(s) {unknown}; known: {', '.join(sorted(KNOWN_KEYS))}")
+    return raw
+
+
+def _mapping(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ServeConfigError(f"config `{key}` must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _relative_to(base: Path, path: str | Path) -> Path:
+    """Paths in a config file are relative to the file, as users expect when they move both."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
