@@ -88,6 +88,13 @@ class LoraConfig:
             raise UnsupportedAdapterError(UNSUPPORTED_FEATURES["use_dora"])
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise AdapterConfigError(f"r={self.r!r} must be a positive integer")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern is not None):
+            raise AdapterConfigError(
+                "layers_to_transform / layers_pattern only apply to a list of target_modules, not to the regex "
+                f"{self.target_modules!r}; put the layer numbers into the regex or use a list"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise AdapterConfigError("layers_pattern is set but layers_to_transform is not; give the layer indices too")
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
                 raise AdapterConfigError(f"rank_pattern[{key!r}]={rank!r} must be a positive integer")

@@ -90,18 +90,19 @@ def write_to_slot(layers: dict[str, LoraLinear], slot: int, weights: AdapterWeig
             f"model ({len(missing)} such module(s)); inject LoRA on every module adapters may target "
             "(e.g. all linear modules)"
         )
-    for name, layer in layers.items():
-        if name not in weights.tensors:
-            layer.set_slot(slot, None, None, 0.0)
-            continue
-        lora_A, lora_B = weights.tensors[name]
-        if lora_A.shape[0] > layer.max_rank:
+    for name, (lora_A, _) in weights.tensors.items():
+        if lora_A.shape[0] > layers[name].max_rank:
             raise RankTooLargeError(
                 f"adapter {weights.source or '(in memory)'} has rank {lora_A.shape[0]} on {name!r}, above the "
-                f"slots' maximum {layer.max_rank}; raise the maximum rank or use a lower-rank adapter"
+                f"slots' maximum {layers[name].max_rank}; raise the maximum rank or use a lower-rank adapter"
             )
-    for name, (lora_A, lora_B) in weights.tensors.items():
-        layers[name].set_slot(slot, lora_A, lora_B, weights.scale(name))
+    # Checked in full above, so a refused adapter leaves the slot as it was.
+    for name, layer in layers.items():
+        if name in weights.tensors:
+            lora_A, lora_B = weights.tensors[name]
+            layer.set_slot(slot, lora_A, lora_B, weights.scale(name))
+        else:
+            layer.set_slot(slot, None, None, 0.0)
 
 
 def clear_slot(layers: dict[str, LoraLinear], slot: int) -> None:

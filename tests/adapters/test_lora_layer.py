@@ -54,3 +54,93 @@ def test_mixed_batch_matches_single_adapter_runs(tiny_llama_dir):
         for row, slot in enumerate(slots.tolist()):
             alone = model(ids[row : row + 1], routing=AdapterRouting.single(slot, 1))
             torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def _three_peft_adapters(model_dir, tmp_path):
+    """Adapters of different ranks and target sets, made by PEFT: (name, folder, config)."""
+    from adapter_fixtures import peft_adapter
+
+    specs = {
+        "attn_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "all_r16": dict(r=16, lora_alpha=16, target_modules="all-linear", use_rslora=True),
+        "mlp_r8": dict(r=8, lora_alpha=32, target_modules=["up_proj", "down_proj"], rank_pattern={"down_proj": 2}),
+    }
+    return {name: (peft_adapter(model_dir, tmp_path / name, seed=i, **spec), tmp_path / name) for i, (name, spec) in enumerate(specs.items())}
+
+
+def test_mixed_adapters_of_different_ranks_and_targets_match_peft_mixed_batch(tiny_llama_dir, tmp_path):
+    """Rows on three different PEFT adapters (and on none) in one batch: equal to PEFT's own
+    mixed batch (`adapter_names`) and to each row run alone, in prefill and in cached decode."""
+    import peft
+
+    from adapters.peft_io import load_adapter
+    from adapters.weights import write_to_slot
+    from backbone import KVCache, ModelConfig
+    from tiny_models import load_reference
+
+    adapters = _three_peft_adapters(tiny_llama_dir, tmp_path)
+    model = load_model(tiny_llama_dir)
+    layers = inject_lora(model, model.linear_modules(), num_slots=4, max_rank=16)
+    names = list(adapters)
+    for slot, name in enumerate(names):
+        write_to_slot(layers, slot, load_adapter(adapters[name][1], ModelConfig.from_folder(tiny_llama_dir)))
+
+    reference = peft.PeftModel.from_pretrained(load_reference(tiny_llama_dir), adapters[names[0]][1], adapter_name=names[0])
+    for name in names[1:]:
+        reference.load_adapter(adapters[name][1], adapter_name=name)
+    reference.eval()
+
+    row_adapters = ["all_r16", "__base__", "attn_r4", "mlp_r8", "all_r16", "attn_r4"]
+    slots = torch.tensor([names.index(a) if a in names else -1 for a in row_adapters])
+    ids = torch.randint(3, 128, (len(row_adapters), 6), generator=torch.Generator().manual_seed(3))
+    next_ids = torch.randint(3, 128, (len(row_adapters), 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(torch.cat([ids, next_ids], 1), adapter_names=row_adapters).logits
+        cache = KVCache.for_model(model.config, max_rows=len(row_adapters), max_len=16)
+        prefill = model(ids, cache=cache, routing=AdapterRouting(slots))
+        positions = torch.full((len(row_adapters), 1), ids.shape[1])
+        decode = model(next_ids, positions=positions, cache=cache, routing=AdapterRouting(slots))
+    torch.testing.assert_close(prefill, expected[:, :-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode, expected[:, -1:], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for row, slot in enumerate(slots.tolist()):
+            alone = model(ids[row : row + 1], routing=AdapterRouting.single(slot, 1))
+            torch.testing.assert_close(prefill[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_clearing_a_slot_returns_rows_to_the_base(tiny_llama_dir):
+    from adapters.config import LoraConfig
+    from adapters.weights import AdapterWeights, clear_slot, write_to_slot
+
+    model = load_model(tiny_llama_dir)
+    layers = inject_lora(model, model.linear_modules(), num_slots=2, max_rank=8)
+    weights = AdapterWeights.initialized(LoraConfig(r=8, init_lora_weights=False, target_modules="all-linear"), model)
+    write_to_slot(layers, 1, weights)
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        base = model(ids)
+        assert not torch.allclose(model(ids, routing=AdapterRouting.single(1, 1)), base)
+        clear_slot(layers, 1)
+        torch.testing.assert_close(model(ids, routing=AdapterRouting.single(1, 1)), base)
+
+
+def test_a_narrower_adapter_replaces_a_wider_one_in_a_slot(tiny_llama_dir):
+    """Writing an adapter clears the modules it does not target, so nothing of the previous one stays."""
+    from adapters.config import LoraConfig
+    from adapters.errors import RankTooLargeError
+    from adapters.weights import AdapterWeights, write_to_slot
+
+    model = load_model(tiny_llama_dir)
+    layers = inject_lora(model, model.linear_modules(), num_slots=1, max_rank=8)
+    wide = AdapterWeights.initialized(LoraConfig(r=8, init_lora_weights=False, target_modules="all-linear"), model)
+    narrow = AdapterWeights.initialized(LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj"]), model)
+    write_to_slot(layers, 0, wide)
+    write_to_slot(layers, 0, narrow)
+    fresh = load_model(tiny_llama_dir)
+    write_to_slot(inject_lora(fresh, fresh.linear_modules(), num_slots=1, max_rank=8), 0, narrow)
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, routing=AdapterRouting.single(0, 1)), fresh(ids, routing=AdapterRouting.single(0, 1)))
+    too_big = AdapterWeights.initialized(LoraConfig(r=16, target_modules=["q_proj"]), model)
+    with pytest.raises(RankTooLargeError, match="maximum 8"):
+        write_to_slot(layers, 0, too_big)
