@@ -1,0 +1,110 @@
+"""One optimiser step over a list of micro-batches: losses, one backward per micro-batch,
+surgery on the shared adapter, clipping, AdamW.
+
+The loss of the accumulated step is sum(token losses) / (answer tokens across ALL its micro-
+batches), computed before the first backward: k micro-batches then give exactly the update of one
+batch holding all their rows (averaging per-micro-batch means would weight short batches' tokens
+more, the bug transformers #34191 fixed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from backbone.model import CausalLM
+from training.batching import IGNORE_INDEX, MicroBatch
+from training.optim import set_lr
+from training.surgery import Surgery, conflict_rate, cosine_matrix
+from training.task_adapters import TaskAdapters
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over the step's answer tokens
+    task_loss: list[float | None]  # per task mean, None if the task had no rows
+    task_tokens: list[int]  # answer tokens per task
+    tokens: int  # all tokens processed (padding excluded)
+    grad_norm: float  # before clipping
+    cosines: list[list[float]] | None  # shared adapter's per-task gradient cosines
+    conflict_rate: float | None
+
+
+def token_losses(model: CausalLM, adapters: TaskAdapters, batch: MicroBatch) -> torch.Tensor:
+    """(B, L) cross-entropy of each position's next token; 0 where the label is ignored."""
+    logits = model(batch.input_ids, routing=adapters.routing(batch.task_ids))  # (B, L, V)
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return flat.view(batch.labels.shape)
+
+
+def train_step(
+    model: CausalLM,
+    adapters: TaskAdapters,
+    optimizer: torch.optim.Optimizer,
+    surgery: Surgery,
+    micro_batches: Sequence[MicroBatch],
+    lr_multiplier: float,
+    clip_norm: float | None,
+) -> StepStats:
+    num_tasks = adapters.num_tasks
+    total_tokens = sum(b.num_answer_tokens for b in micro_batches)
+    if total_tokens == 0:
+        raise ValueError("a training step has no answer tokens; every example lost its answer to truncation")
+    optimizer.zero_grad(set_to_none=True)
+    adapters.zero_task_grads()
+    task_loss_sums = torch.zeros(num_tasks, dtype=torch.float64)
+    task_tokens = torch.zeros(num_tasks, dtype=torch.long)
+    tokens = 0
+    for batch in micro_batches:
+        losses = token_losses(model, adapters, batch)  # (B, L)
+        (losses.sum() / total_tokens).backward()
+        task_loss_sums.index_add_(0, batch.task_ids, losses.detach().sum(1).double())
+        task_tokens += batch.task_answer_tokens(num_tasks)
+        tokens += int(batch.lengths.sum())
+    present = task_tokens > 0
+
+    # A task without rows this step must not move (no weight decay, no stale momentum).
+    for task in range(num_tasks):
+        if not present[task]:
+            for param in adapters.slot_parameters(task):
+                param.grad = None
+
+    cosines, conflicts = None, None
+    if adapters.trains_shared:
+        task_grads = adapters.shared_task_grads()  # (T, D)
+        matrix = cosine_matrix(task_grads)
+        cosines, conflicts = matrix.tolist(), conflict_rate(matrix, present)
+        combined = surgery(task_grads[present])
+        adapters.set_shared_grad(combined)
+
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    if clip_norm is not None and clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    set_lr(optimizer, lr_multiplier)
+    optimizer.step()
+    return StepStats(
+        loss=float(task_loss_sums.sum() / total_tokens),
+        task_loss=[float(task_loss_sums[t] / task_tokens[t]) if present[t] else None for t in range(num_tasks)],
+        task_tokens=task_tokens.tolist(),
+        tokens=tokens,
+        grad_norm=grad_norm,
+        cosines=cosines,
+        conflict_rate=conflicts,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model: CausalLM, adapters: TaskAdapters, batches: Sequence[MicroBatch]) -> tuple[float, int]:
+    """Mean answer-token loss over `batches` and the token count."""
+    total, count = 0.0, 0
+    for batch in batches:
+        losses = token_losses(model, adapters, batch)
+        total += float(losses.sum())
+        count += batch.num_answer_tokens
+    return (total / count if count else float("nan")), count
