@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import processors
 
 from backbone.chat_template import Message, render_chat_template
 from backbone.errors import ModelLoadError
@@ -54,31 +53,15 @@ class Tokenizer:
             for name in NAMED_SPECIAL_TOKENS
             if config.get(name, special_map.get(name)) is not None
         }
-        tokenizer = cls(
+        # BOS/EOS are added by tokenizer.json's post-processor alone, as transformers>=5 does: it
+        # ignores tokenizer_config's add_bos_token for tokenizers loaded from tokenizer.json.
+        return cls(
             backend,
             special_tokens=special_tokens,
             chat_template=_chat_template(folder, config),
             eos_token_ids=_eos_ids(_read_json(folder / "generation_config.json"))
             + _eos_ids(_read_json(folder / "config.json")),
         )
-        tokenizer._apply_bos_eos_flags(config)
-        return tokenizer
-
-    def _apply_bos_eos_flags(self, config: dict[str, Any]) -> None:
-        # As transformers does: explicit add_bos_token/add_eos_token flags (or a tokenizer.json
-        # without a post-processor) replace the post-processor with one that follows the flags.
-        explicit = "add_bos_token" in config or "add_eos_token" in config
-        if not explicit and self.backend.post_processor is not None:
-            return
-        add_bos = bool(config.get("add_bos_token")) and self.bos_token_id is not None
-        add_eos = bool(config.get("add_eos_token")) and self.eos_token_id is not None
-        single = f"{self.bos_token}:0 " if add_bos else ""
-        single += "$A:0" + (f" {self.eos_token}:0" if add_eos else "")
-        pair = single + (f" {self.bos_token}:1" if add_bos else "") + " $B:1" + (f" {self.eos_token}:1" if add_eos else "")
-        special = ([(self.bos_token, self.bos_token_id)] if add_bos else []) + (
-            [(self.eos_token, self.eos_token_id)] if add_eos else []
-        )
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
     # Encoding and decoding.
 
