@@ -1,0 +1,56 @@
+"""Training checkpoints: everything a resumed run needs to continue exactly, in one file per step
+(`checkpoints/step-000100.pt`), written atomically (temp + rename)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or does not belong to this run's config."""
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    folder = checkpoint_dir(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.pt"
+    staging = folder / f".{path.name}.tmp-{os.getpid()}"
+    torch.save(state, staging)
+    os.replace(staging, path)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    folder = checkpoint_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(output_dir: str | Path, path: str | Path | None = None) -> dict[str, Any]:
+    """The given checkpoint file, or the latest in `output_dir/checkpoints`."""
+    if path is None:
+        existing = list_checkpoints(output_dir)
+        if not existing:
+            raise CheckpointError(
+                f"--resume found no checkpoint in {checkpoint_dir(output_dir)}; set checkpoint.every > 0 and train first"
+            )
+        path = existing[-1]
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a step-NNNNNN.pt file or no path for the latest")
+    return torch.load(path, map_location="cpu", weights_only=True)
