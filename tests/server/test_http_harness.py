@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models
+from tokenizers import decoders, models, processors
 
 from backbone.tokenizer import Tokenizer
 from engine_fixtures import save_random_adapter
@@ -42,15 +42,23 @@ def save_char_tokenizer(folder: Path) -> None:
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIALS)
+    backend.post_processor = processors.TemplateProcessing(  # BOS on plain prompts, as Llama adds it
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIALS.index("<s>"))]
+    )
     backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "chat_template": CHAT_TEMPLATE, "add_bos_token": True,
+        "chat_template": CHAT_TEMPLATE,
     }))
 
 
+# A longer context than the tiny default, so a generation can run long enough (seconds) for a
+# test to disconnect in the middle of it.
+MAX_CONTEXT = 2048
+
+
 def make_model_folder(folder: Path) -> Path:
-    save_tiny_model(folder, seed=0)
+    save_tiny_model(folder, seed=0, max_position_embeddings=MAX_CONTEXT)
     save_char_tokenizer(folder)
     return folder
 
