@@ -1,12 +1,13 @@
-"""Convert a Llama-architecture GGUF file (llama.cpp's format) into a Hugging Face model folder:
+"""Convert a Llama- or Qwen2-architecture GGUF file (llama.cpp's format) into a Hugging Face model folder:
 config.json, model.safetensors (fp32), tokenizer.json, tokenizer_config.json (with the chat
 template) and generation_config.json.
 
 Three things differ from a Hugging Face checkpoint and are undone here:
 - tensor names (`blk.3.attn_q.weight` is `model.layers.3.self_attn.q_proj.weight`);
 - quantization (Q4_1, Q8_0, ... are dequantized to fp32 with the `gguf` package);
-- llama.cpp's converter permutes the rows of q_proj and k_proj from HF's rotary layout (halves)
-  to its own (interleaved pairs); we apply the inverse permutation.
+- llama.cpp's converter permutes the rows of q_proj and k_proj of Llama models from HF's rotary
+  layout (halves) to its own (interleaved pairs); we apply the inverse permutation. (Its Qwen2
+  converter leaves them as they are.)
 The tokenizer is stored as metadata (tokens, merges, token types); we rebuild the byte-level BPE
 tokenizer the way transformers' GGUF loader does.
 """
@@ -42,7 +43,9 @@ LAYER_TENSORS = {
     "ffn_norm": "post_attention_layernorm",
 }
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)  # llama.cpp also files Mistral and SmolLM under "llama"
+# GGUF architecture -> HF architecture. llama.cpp also files Mistral, SmolLM and TinyLlama under "llama".
+SUPPORTED_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROTARY_PERMUTED_ARCHITECTURES = ("llama",)  # whose q/k rows llama.cpp's converter permutes
 
 # llama.cpp token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED are added tokens.
 CONTROL_TOKEN, USER_DEFINED_TOKEN = 3, 4
@@ -53,7 +56,13 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx")}
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    **{name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx")},
+    **{name: _QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")},
+}
 
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -78,7 +87,7 @@ def import_gguf(gguf_path: str | Path, output_folder: str | Path, *, progress: b
     if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{gguf_path}: GGUF architecture {architecture!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Llama, Mistral, SmolLM, TinyLlama)"
+            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Llama, Mistral, SmolLM, TinyLlama, Qwen2)"
         )
     tensor_names = {tensor.name for tensor in reader.tensors}
     config = hf_config(metadata, tensor_names, gguf_path)
@@ -138,8 +147,8 @@ def hf_config(metadata: dict[str, Any], tensor_names: set[str], source: Path) ->
         )
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [SUPPORTED_GGUF_ARCHITECTURES[arch]],
+        "model_type": arch,
         "vocab_size": int(metadata.get(f"{arch}.vocab_size") or len(tokens) or 0),
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
@@ -151,7 +160,8 @@ def hf_config(metadata: dict[str, Any], tensor_names: set[str], source: Path) ->
         "max_position_embeddings": int(key("context_length")),
         "rms_norm_eps": _shortest_float32(key("attention.layer_norm_rms_epsilon")),
         "rope_theta": _shortest_float32(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        # Qwen2 always biases q/k/v; a Llama file with biases has `attention_bias`.
+        "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in tensor_names,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "torch_dtype": "float32",
@@ -185,10 +195,11 @@ def read_tensors(reader: Any, config: dict[str, Any], *, progress: bool, source:
                 f"{source}: tensor {tensor.name} uses {tensor.tensor_type.name}, which the gguf package cannot "
                 "dequantize; use a GGUF quantized as F32/F16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K or similar"
             ) from None
-        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-            values = unpermute_rows(values, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-            values = unpermute_rows(values, config["num_key_value_heads"])
+        if config["model_type"] in ROTARY_PERMUTED_ARCHITECTURES:
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                values = unpermute_rows(values, config["num_attention_heads"])
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                values = unpermute_rows(values, config["num_key_value_heads"])
         state[name] = torch.from_numpy(np.ascontiguousarray(values))
     embed = state.get("model.embed_tokens.weight")
     if embed is None:

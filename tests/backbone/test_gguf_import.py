@@ -44,10 +44,11 @@ def train_tiny_byte_level_bpe(vocab_size: int = 300) -> tuple[list[str], list[st
 
 
 def write_tiny_gguf(hf_folder: Path, path: Path, tokens: list[str], merges: list[str]) -> Path:
-    """The HF folder as llama.cpp's convert_hf_to_gguf.py would write it (F32, q/k permuted)."""
+    """The HF folder as llama.cpp's convert_hf_to_gguf.py would write it (F32; a Llama's q/k permuted)."""
     config = json.loads((hf_folder / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = config["model_type"]  # "llama" or "qwen2"
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -59,7 +60,7 @@ def write_tiny_gguf(hf_folder: Path, path: Path, tokens: list[str], merges: list
     writer.add_rope_dimension_count(config["hidden_size"] // heads)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
@@ -75,9 +76,9 @@ def write_tiny_gguf(hf_folder: Path, path: Path, tokens: list[str], merges: list
         values = tensor.float().numpy()
         if name.startswith("model.layers."):
             _, _, index, *module, kind = name.split(".")
-            if module[-1] == "q_proj":
+            if arch == "llama" and module[-1] == "q_proj":
                 values = permute_rows(values, heads)
-            elif module[-1] == "k_proj":
+            elif arch == "llama" and module[-1] == "k_proj":
                 values = permute_rows(values, kv_heads)
             gguf_name = f"blk.{index}.{names[module[-1]]}.{kind}"
         else:
@@ -108,9 +109,17 @@ def test_unpermute_inverts_llama_cpp_permute():
     assert not np.array_equal(permute_rows(weights, 8), weights)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_imported_gguf_logits_match_source_model(tmp_path, tiny_bpe, tied):
-    hf_folder, gguf_path = make_tiny_gguf(tmp_path, tiny_bpe, tie_word_embeddings=tied)
+SOURCES = {
+    "llama_untied": dict(architecture="llama", tie_word_embeddings=False),
+    "llama_tied": dict(architecture="llama", tie_word_embeddings=True),
+    "qwen2_qkv_bias": dict(architecture="qwen2", tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_imported_gguf_logits_match_source_model(tmp_path, tiny_bpe, source):
+    tied = SOURCES[source]["tie_word_embeddings"]
+    hf_folder, gguf_path = make_tiny_gguf(tmp_path, tiny_bpe, **SOURCES[source])
     folder = import_gguf(gguf_path, tmp_path / "imported", progress=False)
     config = json.loads((folder / "config.json").read_text())
     assert config["tie_word_embeddings"] is tied
@@ -121,10 +130,11 @@ def test_imported_gguf_logits_match_source_model(tmp_path, tiny_bpe, tied):
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_import_matches_transformers_gguf_loader(tmp_path, tiny_bpe):
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_import_matches_transformers_gguf_loader(tmp_path, tiny_bpe, architecture):
     import transformers
 
-    _, gguf_path = make_tiny_gguf(tmp_path, tiny_bpe)
+    _, gguf_path = make_tiny_gguf(tmp_path, tiny_bpe, architecture=architecture)
     folder = import_gguf(gguf_path, tmp_path / "imported", progress=False)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file=gguf_path.name, dtype=torch.float32
