@@ -118,8 +118,7 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        value = field.contents()
-        metadata[key] = value
+        metadata[key] = field.contents()
     return metadata
 
 
@@ -261,8 +260,9 @@ def build_tokenizer_files(metadata: dict[str, Any], config: dict[str, Any]) -> d
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     token_types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [])
     alphabet = _byte_alphabet()
+    letters = set(alphabet.values())
     # Every real byte-level token is spelled in the byte alphabet; respell any that is not.
-    spelled = [t if set(t) <= set(alphabet.values()) else "".join(alphabet[b] for b in t.encode()) for t in tokens]
+    spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode()) for t in tokens]
     merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges") or []]
     backend = BackendTokenizer(
         models.BPE(
