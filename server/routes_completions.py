@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from uuid import uuid4
 
 from fastapi import APIRouter, Request
@@ -132,12 +133,14 @@ def _capped_max_tokens(prompt_tokens: int, requested: int | None, max_context: i
     return room if requested is None else min(requested, room)
 
 
+@dataclass(frozen=True)
 class Reply:
-    def __init__(self, id: str, model: str, created: int, include_usage: bool) -> None:
-        self.id = id
-        self.model = model
-        self.created = created
-        self.include_usage = include_usage
+    """What every chunk of one response repeats."""
+
+    id: str
+    model: str
+    created: int
+    include_usage: bool
 
 
 class EventWaiter:
@@ -190,7 +193,7 @@ async def _collect(waiter: EventWaiter, timer: GenerationTimer) -> Finished:
 
 
 def _finish_metrics(timer: GenerationTimer, finished: Finished) -> None:
-    # Tokens held back (e.g. a partial stop string that never completed) arrive only here.
+    # Counted from Finished, not from deltas: tokens cut by a stop string never reach a delta.
     timer.on_finished(finished.prompt_tokens, finished.completion_tokens, finished.finish_reason)
 
 
