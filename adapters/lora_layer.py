@@ -98,36 +98,40 @@ class LoraLinear(Projection):
             return out
         lora_A, lora_B = self._stacks()
         if routing.active_slots.numel() > 0:
-            out = out + self._per_row_delta(x, routing, lora_A, lora_B)
+            out = self._add_per_row_delta(out, x, routing, lora_A, lora_B)
         if routing.shared_slot is not None:
             out = out + self._shared_delta(x, routing, lora_A[routing.shared_slot], lora_B[routing.shared_slot])
         return out
 
-    def _per_row_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
-        if x.shape[1] == 1:
-            return self._decode_delta(x, routing, lora_A, lora_B)
-        # Prefill/training: gather each row's A/B and run batched matmuls; the compute is the
-        # minimum (each token through its own adapter only).
+    def _add_per_row_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
+        # Decode with rows sharing adapters (two or more rows per adapter on average): one dense
+        # matmul over the adapters in use reads each adapter once. Otherwise (prefill, training,
+        # decode with mostly distinct adapters) gathering each row's own A/B is cheaper: the
+        # compute is the minimum and nothing is computed for adapters a row does not use.
+        if x.shape[1] == 1 and 2 * routing.active_slots.numel() <= routing.rows_on_adapters:
+            return out + self._decode_delta(x, routing, lora_A, lora_B)
         slots = routing.slot_ids.clamp(min=0)
-        scale = self.lora_scale[slots] * (routing.slot_ids >= 0)  # rows on the base get 0
-        hidden = torch.bmm(x, lora_A[slots].transpose(1, 2))  # (B, T, r)
-        return torch.bmm(hidden, lora_B[slots].transpose(1, 2)) * scale[:, None, None].to(x.dtype)
+        scale = (self.lora_scale[slots] * (routing.slot_ids >= 0)).to(x.dtype)  # rows on the base get 0
+        hidden = torch.bmm(x, lora_A[slots].transpose(1, 2)) * scale[:, None, None]  # (B, T, r)
+        # Accumulate into the base output in place: the (B, T, out) delta is never materialised,
+        # which saves two full passes over the output (F.linear's backward does not need `out`).
+        return out.baddbmm_(hidden, lora_B[slots].transpose(1, 2))
 
     def _decode_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # One token per row: run every row through the adapters in use (U of them) as one dense
-        # matmul, then keep each row's own block. Weights are read once per distinct adapter, not
-        # once per row, which is what matters when many rows share an adapter.
+        # matmul, zero the blocks of adapters a row does not use, then one batched matmul per
+        # adapter over B's stored layout (a transposed operand, not a copy: copying B into
+        # (U*r, out) cost more than the whole matmul).
         active = routing.active_slots
         used, rank = active.numel(), self.max_rank
         batch = x.shape[0]
         hidden = x[:, 0] @ lora_A[active].reshape(used * rank, -1).T  # (B, U*r)
         keep = torch.zeros(batch, used, dtype=x.dtype, device=x.device)
-        on_adapter = routing.row_to_active >= 0
-        rows = on_adapter.nonzero().squeeze(1)
+        rows = (routing.row_to_active >= 0).nonzero().squeeze(1)
         keep[rows, routing.row_to_active[rows]] = self.lora_scale[routing.slot_ids[rows]].to(x.dtype)
-        hidden = (hidden.view(batch, used, rank) * keep[:, :, None]).view(batch, used * rank)
-        b_stack = lora_B[active].permute(0, 2, 1).reshape(used * rank, -1)  # (U*r, out)
-        return (hidden @ b_stack)[:, None]
+        hidden = hidden.view(batch, used, rank) * keep[:, :, None]  # (B, U, r)
+        per_adapter = torch.bmm(hidden.transpose(0, 1), lora_B[active].transpose(1, 2))  # (U, B, out)
+        return per_adapter.sum(0)[:, None]  # (B, 1, out)
 
     def _shared_delta(self, x, routing: AdapterRouting, shared_A, shared_B) -> torch.Tensor:
         scale = float(self.lora_scale[routing.shared_slot])

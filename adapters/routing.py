@@ -25,10 +25,12 @@ class AdapterRouting:
     # row, its position among them.
     active_slots: torch.Tensor = field(init=False)
     row_to_active: torch.Tensor = field(init=False)
+    rows_on_adapters: int = field(init=False)  # rows with a slot of their own (not -1)
 
     def __post_init__(self) -> None:
         self.slot_ids = self.slot_ids.long()
         used = self.slot_ids[self.slot_ids >= 0]
+        self.rows_on_adapters = int(used.numel())
         self.active_slots, inverse = torch.unique(used, return_inverse=True)
         self.row_to_active = torch.full_like(self.slot_ids, -1)
         self.row_to_active[self.slot_ids >= 0] = inverse

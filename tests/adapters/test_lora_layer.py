@@ -27,6 +27,38 @@ def test_mixed_rows_match_reference(length):
     torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "slot_ids",
+    [
+        [0, 0, 1, 1, -1, 0, 1, 2],  # rows share adapters: decode's dense path over the adapters in use
+        [0, 1, 2, -1, 3, 2],  # mostly distinct adapters: decode's per-row gathered path
+        [-1, -1],  # nobody on an adapter
+    ],
+)
+@pytest.mark.parametrize("length", [1, 4])
+def test_every_path_matches_reference(slot_ids, length):
+    layer = _layer_with_adapters()
+    x = torch.randn(len(slot_ids), length, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_trained_slot_gradients_match_reference(length):
+    """Training goes through the same fast paths; their gradients equal the plain definition's."""
+    grads = []
+    for forward in (LoraLinear.__call__, reference_lora_forward):
+        layer = _layer_with_adapters(seed=3)
+        layer.make_trainable(1)
+        x = torch.randn(5, length, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        routing = AdapterRouting(torch.tensor([1, 1, 0, -1, 1]))
+        out = forward(layer, x, routing)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((layer.trainable_A["1"].grad, layer.trainable_B["1"].grad, x.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_shared_slot_adds_to_every_row():
     layer = _layer_with_adapters()
     x = torch.randn(4, 3, 16)
