@@ -74,11 +74,19 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v, positions, cache_rows, span=mask.shape[-1])
-        if self.num_kv_heads != self.num_heads:
-            groups = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, hd)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1 and length == 1:
+            # Decode: the query heads sharing a kv head become that kv head's query rows
+            # (head h = kv_head * groups + g), so attention reads the cache in place instead of
+            # copying every key and value `groups` times; the (B, 1, 1, S) mask broadcasts.
+            grouped_q = q.reshape(batch, self.num_kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask)  # (B, kv_heads, groups, hd)
+            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
+        else:
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1), routing)
 
 

@@ -54,6 +54,26 @@ def test_cached_decoding_matches_full_recomputation(tiny_model):
                 torch.testing.assert_close(logits_at_step[row], full[start + step], atol=1e-4, rtol=1e-4)
 
 
+def test_decoding_into_scattered_cache_rows_matches_full_recomputation(tiny_model):
+    # The engine places sequences in whichever cache rows are free, in any order.
+    prompts = _prompts([7, 3, 10], seed=10)
+    rows = torch.tensor([4, 0, 2])
+    cache = KVCache.for_model(tiny_model.config, max_rows=5, max_len=24)
+    sequences = [list(p) for p in prompts]
+    with torch.no_grad():
+        logits = prefill(tiny_model, cache, prompts, cache_rows=rows)
+        positions = torch.tensor([len(p) for p in prompts])
+        for _ in range(5):
+            tokens = logits.argmax(-1)
+            for row, token in enumerate(tokens.tolist()):
+                sequences[row].append(token)
+            logits = decode_step(tiny_model, cache, tokens, positions, cache_rows=rows)
+            positions = positions + 1
+        for row, sequence in enumerate(sequences):
+            full = tiny_model(torch.tensor([sequence]))[0, -1]
+            torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=1e-4)
+
+
 def test_batched_prompts_of_different_lengths_match_each_prompt_alone(tiny_model):
     prompts = _prompts([3, 17, 9, 1, 12], seed=1)
     params = SamplingParams(max_tokens=12)
