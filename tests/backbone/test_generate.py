@@ -193,3 +193,27 @@ def test_rows_leaving_a_mixed_adapter_batch_keep_their_adapters(tiny_llama_dir):
 def test_bad_requests_are_refused(tiny_model, prompts, params, match):
     with pytest.raises(ValueError, match=match):
         generate(tiny_model, prompts, params)
+
+
+@pytest.mark.integration
+def test_default_model_batch_matches_transformers_and_answers_paris():
+    from backbone.model_source import load_pretrained, resolve_model
+
+    model, tokenizer = load_pretrained("default", progress=False)
+    reference = load_reference(resolve_model("default", progress=False))
+    questions = ["What is the capital of France?", "Name three colours of the rainbow, briefly.", "Say hi."]
+    prompts = [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+        for q in questions
+    ]
+    completions = generate(model, prompts, SamplingParams(max_tokens=24), tokenizer=tokenizer)
+    assert completions[0].text == "The capital of France is Paris."
+    assert completions[0].finish_reason == "stop"
+    for prompt, completion in zip(prompts, completions):
+        with torch.no_grad():
+            expected = reference.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False, max_new_tokens=24, eos_token_id=tokenizer.eos_token_ids, pad_token_id=0,
+            )[0, len(prompt):].tolist()  # fmt: skip
+        stop = next((i for i, t in enumerate(expected) if t in tokenizer.eos_token_ids), len(expected))
+        assert completion.token_ids == expected[:stop]
