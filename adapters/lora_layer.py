@@ -125,10 +125,12 @@ class LoraLinear(Projection):
         active = routing.active_slots
         used, rank = active.numel(), self.max_rank
         batch = x.shape[0]
+        if used == 1:  # one adapter (plus rows on the base): views of its weights, no gathers
+            slot = routing.active_list[0]
+            keep = routing.active_mask[:, :1].to(x.dtype) * self.lora_scale[slot].to(x.dtype)  # (B, 1)
+            return F.linear(F.linear(x[:, 0], lora_A[slot]) * keep, lora_B[slot])[:, None]
         hidden = x[:, 0] @ lora_A[active].reshape(used * rank, -1).T  # (B, U*r)
-        keep = torch.zeros(batch, used, dtype=x.dtype, device=x.device)
-        rows = (routing.row_to_active >= 0).nonzero().squeeze(1)
-        keep[rows, routing.row_to_active[rows]] = self.lora_scale[routing.slot_ids[rows]].to(x.dtype)
+        keep = routing.active_mask.to(x.dtype) * self.lora_scale[active].to(x.dtype)  # (B, U)
         hidden = hidden.view(batch, used, rank) * keep[:, :, None]  # (B, U, r)
         per_adapter = torch.bmm(hidden.transpose(0, 1), lora_B[active].transpose(1, 2))  # (U, B, out)
         return per_adapter.sum(0)[:, None]  # (B, 1, out)

@@ -26,6 +26,8 @@ class AdapterRouting:
     active_slots: torch.Tensor = field(init=False)
     row_to_active: torch.Tensor = field(init=False)
     rows_on_adapters: int = field(init=False)  # rows with a slot of their own (not -1)
+    active_mask: torch.Tensor = field(init=False)  # (B, U) one-hot: row b uses active adapter u
+    active_list: list[int] = field(init=False)  # active_slots on the host, read once per batch
 
     def __post_init__(self) -> None:
         self.slot_ids = self.slot_ids.long()
@@ -34,6 +36,9 @@ class AdapterRouting:
         self.active_slots, inverse = torch.unique(used, return_inverse=True)
         self.row_to_active = torch.full_like(self.slot_ids, -1)
         self.row_to_active[self.slot_ids >= 0] = inverse
+        in_use = torch.arange(self.active_slots.numel(), device=self.slot_ids.device)
+        self.active_mask = (self.row_to_active[:, None] == in_use).float()
+        self.active_list = self.active_slots.tolist()
 
     @classmethod
     def single(cls, slot: int, batch: int) -> "AdapterRouting":

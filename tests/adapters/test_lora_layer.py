@@ -32,6 +32,7 @@ def test_mixed_rows_match_reference(length):
     [
         [0, 0, 1, 1, -1, 0, 1, 2],  # rows share adapters: decode's dense path over the adapters in use
         [0, 1, 2, -1, 3, 2],  # mostly distinct adapters: decode's per-row gathered path
+        [2, -1, 2, 2],  # one adapter and the base: decode's single-adapter path
         [-1, -1],  # nobody on an adapter
     ],
 )
