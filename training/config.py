@@ -44,6 +44,7 @@ class TaskSettings:
     eval: str | None = doc("evaluation JSONL file (optional)", default=None)
     format: str = doc("data format: instruction | chat | prompt_completion", default="instruction")
     weight: float | None = doc("sampling weight (sampling.strategy: weights)", default=None)
+    negatives: int = doc("classification tasks: negative (wrong-label) samples per training record, 0 = none", default=0)
     adapter: AdapterSettings = doc("this task's adapter settings", default_factory=AdapterSettings)
 
 
@@ -51,6 +52,12 @@ class TaskSettings:
 class DataSettings:
     max_length: int = doc("longest example in tokens", default=512)
     overlong: str = doc("over-long examples: truncate (keep the first max_length tokens) | drop", default="truncate")
+    clean: bool = doc("normalise text: unicode NFC, control characters removed, spaces collapsed", default=False)
+    dedupe: bool = doc("drop exact duplicates (case and spacing ignored)", default=False)
+    near_duplicate_threshold: float | None = doc("drop near duplicates at this MinHash Jaccard of word 3-shingles, e.g. 0.8", default=None)
+    min_words: int = doc("drop records with fewer words", default=0)
+    max_words: int | None = doc("drop records with more words", default=None)
+    max_repetition: float | None = doc("drop records whose word 3-grams repeat more than this share, e.g. 0.5", default=None)
 
 
 @dataclass

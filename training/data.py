@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from training.data_prep import PrepSettings, negative_samples, prepare_records
+
 DATA_FORMATS = ("instruction", "chat", "prompt_completion")
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -61,6 +63,8 @@ class TaskData:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_answer: int = 0
+    prep: dict[str, int] = field(default_factory=dict)  # data preparation counts, if any
+    negatives: int = 0  # negative samples added
 
     def report(self) -> dict[str, int]:
         return {
@@ -69,6 +73,8 @@ class TaskData:
             "truncated": self.truncated,
             "dropped_overlong": self.dropped_overlong,
             "dropped_no_answer": self.dropped_no_answer,
+            **({"prep": self.prep} if self.prep else {}),
+            **({"negatives_added": self.negatives} if self.negatives else {}),
         }
 
 
@@ -180,8 +186,12 @@ def load_task_file(
     tokenizer: TextTokenizer,
     max_length: int,
     overlong: str = "truncate",
+    prep: PrepSettings | None = None,
+    negatives: int = 0,
 ) -> TaskData:
-    """Read, render and tokenize one JSONL file; each bad line raises a DataError naming it."""
+    """Read, (optionally) prepare, render and tokenize one JSONL file; each bad line raises a
+    DataError naming it. `negatives` > 0 adds that many negative samples per record
+    (classification tasks, instruction format)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; fix the path in the config")
@@ -190,26 +200,37 @@ def load_task_file(
     # Chat templates end the assistant turn themselves; raw completions need an explicit EOS.
     append_eos = data_format == "prompt_completion" or not has_chat_template(tokenizer)
     data = TaskData()
+    records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            data.lines += 1
             try:
-                spans = record_spans(json.loads(line), data_format, tokenizer)
+                record = json.loads(line)
+                record_spans(record, data_format, tokenizer)  # validate now, while the line is known
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from None
             except (DataError, ValueError) as err:
                 raise DataError(f"{path}:{number}: {err}") from None
-            full = tokenize_spans(spans, tokenizer, append_eos)
-            example = fit_length(full, max_length, overlong)
-            if example is None:
-                data.dropped_overlong += 1
-                continue
-            if example.num_answer_tokens == 0:
-                data.dropped_no_answer += 1  # truncation cut the whole answer: nothing to learn
-                continue
-            data.truncated += example is not full
-            data.examples.append(example)
+            records.append(record)
+    data.lines = len(records)
+    if prep is not None:
+        records, data.prep = prepare_records(records, prep)
+    if negatives:
+        if data_format != "instruction":
+            raise DataError(f"{path}: negative samples need the instruction format (a label in `output`), not {data_format!r}")
+        added = negative_samples(records, per_record=negatives)
+        data.negatives = len(added)
+        records = records + added
+    for record in records:
+        full = tokenize_spans(record_spans(record, data_format, tokenizer), tokenizer, append_eos)
+        example = fit_length(full, max_length, overlong)
+        if example is None:
+            data.dropped_overlong += 1
+            continue
+        if example.num_answer_tokens == 0:
+            data.dropped_no_answer += 1  # truncation cut the whole answer: nothing to learn
+            continue
+        data.truncated += example is not full
+        data.examples.append(example)
     return data
-

@@ -22,6 +22,7 @@ from training.batching import BatchPlanner, MicroBatch, collate, pack_by_length
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import AdapterSettings, TrainConfig
 from training.data import TaskData, load_task_file
+from training.data_prep import PrepSettings
 from training.export import export_adapters
 from training.optim import build_optimizer, lr_multiplier, param_groups
 from training.report import RunLog, write_plots
@@ -66,11 +67,17 @@ class MultiTaskTrainer:
 
     def _load_data(self) -> None:
         settings = self.config.data
+        prep = None
+        if settings.clean or settings.dedupe or settings.near_duplicate_threshold or settings.min_words or settings.max_words or settings.max_repetition:
+            prep = PrepSettings(settings.clean, settings.dedupe, settings.near_duplicate_threshold,
+                                settings.min_words, settings.max_words, settings.max_repetition)
         self.train_data: dict[str, TaskData] = {}
         self.eval_data: dict[str, TaskData] = {}
         for task in self.config.tasks:
             if task.train and not task.adapter.frozen:
-                self.train_data[task.name] = load_task_file(task.train, task.format, self.tokenizer, settings.max_length, settings.overlong)
+                self.train_data[task.name] = load_task_file(
+                    task.train, task.format, self.tokenizer, settings.max_length, settings.overlong, prep, task.negatives
+                )
             if task.eval:
                 self.eval_data[task.name] = load_task_file(task.eval, task.format, self.tokenizer, settings.max_length, settings.overlong)
         self.trainable_tasks = [i for i, t in enumerate(self.config.tasks) if t.name in self.train_data]

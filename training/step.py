@@ -75,7 +75,7 @@ def train_step(
                 param.grad = None
 
     cosines, conflicts = None, None
-    if adapters.trains_shared:
+    if adapters.bins_task_grads:
         task_grads = adapters.shared_task_grads()  # (T, D)
         matrix = cosine_matrix(task_grads)
         cosines, conflicts = matrix.tolist(), conflict_rate(matrix, present)

@@ -122,6 +122,11 @@ class TaskAdapters:
     def trains_shared(self) -> bool:
         return self.shared_slot is not None and not self.plans[self.shared_slot].frozen
 
+    @property
+    def bins_task_grads(self) -> bool:
+        """Whether the shared layers' backward fills per-task gradient bins (surgery needs them)."""
+        return self.trains_shared and any(layer.task_grads is not None for layer in self.layers.values())
+
     def attach_task_grad_sinks(self) -> None:
         """Give every shared layer per-task gradient bins (filled by its backward)."""
         if not self.trains_shared:
