@@ -110,3 +110,18 @@ def test_trained_adapter_loads_in_peft_with_the_same_logits(first_run, toy_model
                 base = reference(ids).logits
         assert (expected - base).abs().max() > 1e-4  # the adapter does something
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dry_run_validates_and_prints_the_plan(toy_model_dir, tmp_path, capsys):
+    config = toy_config(tmp_path, toy_model_dir, "dry", surgery={"method": "gradvac"})
+    assert main(["train", str(write_config(tmp_path / "c.json", config)), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert '"trainable_parameters"' in printed and '"mix"' in printed
+    assert not (tmp_path / "dry").exists()
+
+
+def test_bad_config_is_a_one_line_error_naming_the_key(toy_model_dir, tmp_path, capsys):
+    config = toy_config(tmp_path, toy_model_dir, "bad")
+    config["tasks"][0]["adapter"]["rank"] = 4
+    assert main(["train", str(write_config(tmp_path / "c.json", config))]) == 2
+    assert "unknown key 'tasks[0].adapter.rank'" in capsys.readouterr().err
