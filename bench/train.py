@@ -1,0 +1,233 @@
+"""Training throughput and gradient-surgery cost on the default model (SmolLM2-135M), r=16 on all
+linear modules, 4 tasks, the same token batches for every variant. Prints JSON.
+
+Throughput (each variant in its own process, so peak RSS is its own; the variants alternate over
+`--rounds` and each keeps its fastest step, since neighbours on a shared machine only add time):
+  peft         transformers LlamaForCausalLM + PEFT get_peft_model, plain torch AdamW loop (one
+               adapter: PEFT trains one adapter per batch; all rows go through it)
+  ours_1task   our trainer, the same batch, one task adapter
+  ours_4task   our trainer, the same batch split over 4 task adapters (mixed batch)
+Surgery cost (one process, one model with 4 task adapters + a shared one, the three step kinds
+interleaved step by step so they see the same machine):
+  plain        no surgery, an ordinary backward
+  pcgrad       PCGrad on the shared adapter, per-task gradients binned in ONE backward
+  pcgrad_T_backward  the reference way (LibMTL): one forward, T backward passes for the per-task
+               gradients of the shared adapter, then PCGrad
+
+    .venv/bin/python bench/train.py [--quick] [--steps N] [--rows R] [--length L]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.batching import collate  # noqa: E402
+from training.data import Example  # noqa: E402
+
+RANK, TASKS = 16, 4
+VARIANTS = ("peft", "ours_1task", "ours_4task", "surgery")
+
+
+def make_batch(rows: int, length: int, vocab: int, tasks: int, seed: int = 0):
+    """Rows of lengths in [length/2, length], the last third of each the answer; tasks round-robin."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for row in range(rows):
+        size = int(torch.randint(length // 2, length + 1, (1,), generator=generator))
+        ids = torch.randint(10, vocab, (size,), generator=generator).tolist()
+        answer = size // 3
+        examples.append((row % tasks, Example(ids, [False] * (size - answer) + [True] * answer)))
+    return collate(examples, pad_id=0)
+
+
+def run_peft(folder: Path, batch, steps: int) -> list[float]:
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    labels = batch.labels  # already shifted: position i predicts labels[i]
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch.input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        (loss / batch.num_answer_tokens).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]  # the first step warms up allocators and kernels
+
+
+
+
+def _our_setup(folder: Path, tasks: int, shared: bool):
+    from adapters.config import LoraConfig
+    from backbone import load_model
+    from training.optim import build_optimizer, param_groups
+    from training.task_adapters import AdapterSource, TaskAdapters
+
+    model = load_model(folder)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
+    sources = [AdapterSource(f"task{t}", config) for t in range(tasks)]
+    adapters = TaskAdapters(model, sources, AdapterSource("shared", config) if shared else None, seed=0)
+    adapters.make_trainable()
+    optimizer = build_optimizer(param_groups(adapters.named_parameters(), 1e-4, 0.0, model.config.num_hidden_layers), (0.9, 0.999), 1e-8)
+    return model, adapters, optimizer
+
+
+def run_ours(folder: Path, batch, steps: int, tasks: int) -> list[float]:
+    from training.step import train_step
+    from training.surgery import Surgery
+
+    model, adapters, optimizer = _our_setup(folder, tasks, shared=False)
+    batch.task_ids = batch.task_ids % tasks
+    surgery = Surgery("none", tasks, seed=0)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        train_step(model, adapters, optimizer, surgery, [batch], 1.0, 1.0)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def t_backward_pcgrad_step(model, adapters, optimizer, batch) -> None:
+    """Per-task shared gradients from T backward passes over one forward (retain_graph), then PCGrad."""
+    from training.step import token_losses
+    from training.surgery import pcgrad
+
+    params = [p for _, p in adapters.named_parameters()]
+    shared = adapters.slot_parameters(adapters.shared_slot)
+    shared_ids = {id(p) for p in shared}
+    optimizer.zero_grad(set_to_none=True)
+    losses = token_losses(model, adapters, batch) / batch.num_answer_tokens
+    task_grads = []
+    for task in range(TASKS):
+        grads = torch.autograd.grad(losses[batch.task_ids == task].sum(), params, retain_graph=task < TASKS - 1, allow_unused=True)
+        by_param = dict(zip(map(id, params), grads))
+        for param, grad in zip(params, grads):
+            if grad is not None and id(param) not in shared_ids:
+                param.grad = grad if param.grad is None else param.grad + grad
+        task_grads.append(torch.cat([by_param[id(p)].reshape(-1) for p in shared]))
+    adapters.set_shared_grad(pcgrad(torch.stack(task_grads)))
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def run_surgery(folder: Path, batch, steps: int) -> dict[str, float]:
+    """Fastest step of each kind, the kinds interleaved on one model."""
+    from training.step import train_step
+    from training.surgery import Surgery
+
+    model, adapters, optimizer = _our_setup(folder, TASKS, shared=True)
+    plain, pcgrad = Surgery("none", TASKS, seed=0), Surgery("pcgrad", TASKS, seed=0)
+
+    def detach_bins() -> None:
+        for layer in adapters.layers.values():
+            layer.task_grads = None  # an ordinary backward: no per-task bins
+
+    def plain_step() -> None:
+        detach_bins()
+        train_step(model, adapters, optimizer, plain, [batch], 1.0, 1.0)
+
+    def pcgrad_step() -> None:
+        adapters.attach_task_grad_sinks()
+        train_step(model, adapters, optimizer, pcgrad, [batch], 1.0, 1.0)
+
+    def t_backward_step() -> None:
+        detach_bins()
+        t_backward_pcgrad_step(model, adapters, optimizer, batch)
+
+    kinds = {"plain": plain_step, "pcgrad": pcgrad_step, "pcgrad_T_backward": t_backward_step}
+    best = {name: float("inf") for name in kinds}
+    for round_index in range(steps + 1):
+        for name, step in kinds.items():
+            start = time.perf_counter()
+            step()
+            if round_index:  # round 0 warms up
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def child(args: argparse.Namespace) -> None:
+    from backbone.model_source import resolve_model
+
+    torch.set_num_threads(args.threads)
+    folder = resolve_model("default", progress=False)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    batch = make_batch(args.rows, args.length, vocab, TASKS)
+    tokens = int(batch.lengths.sum())
+    if args.variant == "surgery":
+        best = run_surgery(folder, batch, args.steps)
+        print(json.dumps({"variant": "surgery", **{f"{k}_step_s": v for k, v in best.items()}}))
+        return
+    if args.variant == "peft":
+        times = run_peft(folder, batch, args.steps)
+    else:
+        times = run_ours(folder, batch, args.steps, 1 if args.variant == "ours_1task" else TASKS)
+    print(json.dumps({
+        "variant": args.variant,
+        "tokens": tokens,
+        "step_s": min(times),
+        "tokens_per_s": tokens / min(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 measured steps of 8 rows x <=64 tokens, one round")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the variants; each keeps its fastest")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rows, args.length, args.rounds = 2, 8, 64, 1
+    if args.variant:
+        child(args)
+        return
+    results: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--rows",
+                       str(args.rows), "--length", str(args.length), "--threads", str(args.threads)]
+            finished = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = json.loads(finished.stdout.strip().splitlines()[-1])
+            key = "plain_step_s" if variant == "surgery" else "step_s"
+            if variant not in results or result[key] < results[variant][key]:
+                results[variant] = result
+    peft, ours, surgery = results["peft"], results["ours_4task"], results["surgery"]
+    print(json.dumps({
+        "model": "SmolLM2-135M-Instruct (default), fp32, r=16 all-linear",
+        "batch": {"rows": args.rows, "max_length": args.length, "tokens": ours["tokens"], "tasks": TASKS,
+                  "measured_steps": args.steps, "rounds": args.rounds, "threads": args.threads},
+        "results": results,
+        "ratios": {
+            "tokens_per_s_ours_4task_vs_peft": ours["tokens_per_s"] / peft["tokens_per_s"],
+            "tokens_per_s_ours_1task_vs_peft": results["ours_1task"]["tokens_per_s"] / peft["tokens_per_s"],
+            "peak_rss_ours_4task_vs_peft": ours["peak_rss_mb"] / peft["peak_rss_mb"],
+            "pcgrad_step_vs_plain_step": surgery["pcgrad_step_s"] / surgery["plain_step_s"],
+            "pcgrad_T_backward_step_vs_plain_step": surgery["pcgrad_T_backward_step_s"] / surgery["plain_step_s"],
+            "pcgrad_one_backward_speedup_vs_T_backward": surgery["pcgrad_T_backward_step_s"] / surgery["pcgrad_step_s"],
+        },
+        "aims": {"tokens_per_s_vs_peft": ">= 1.0", "pcgrad_step_vs_plain_step": "<= 1.25"},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
