@@ -1,0 +1,243 @@
+"""Adapters in tiers (DESIGN decision 6): registry -> CPU cache -> resident slots.
+
+Registration parses and validates an adapter fully on the caller's thread before the name points
+at it, so a bad adapter never becomes visible. A request holds its exact version from submit to
+finish; a version replaced by a newer one (hot swap) or unregistered is retired, and its slot and
+CPU copy are dropped once no request holds it. Disk reads of adapters that fell out of the CPU
+cache run on a background thread, so only the requests that need them wait.
+
+Methods marked "worker" touch the slot table and the LoRA buffers and run only on the engine's
+worker thread; the rest are thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.lora_layer import LoraLinear
+from adapters.peft_io import load_adapter
+from adapters.weights import AdapterWeights, clear_slot, write_to_slot
+from backbone.config import ModelConfig
+from router.adapter_registry import AdapterInfo, AdapterRegistry, adapter_path
+from router.cpu_cache import CpuAdapterCache
+from router.slot_manager import SlotManager
+
+log = logging.getLogger(__name__)
+
+
+class AdapterUnavailableError(RuntimeError):
+    """A registered adapter version could not be read back from disk for a request."""
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    name: str
+    version: int
+    slot: int
+    in_use: int  # running requests on it
+    pinned: bool
+
+
+class AdapterTiers:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        layers: dict[str, LoraLinear],
+        *,
+        max_loras: int,
+        max_cpu_loras: int,
+        max_rank: int,
+        strict_base: bool,
+        served_model_name: str,
+        wake: Callable[[], None],
+    ) -> None:
+        self._model_config = model_config
+        self._layers = layers
+        self._max_rank = max_rank
+        self._strict_base = strict_base
+        self._served_model_name = served_model_name
+        self._wake = wake  # tells the worker something it waits for has happened
+        self.registry = AdapterRegistry()
+        self.cpu = CpuAdapterCache(max_cpu_loras)
+        self.slots = SlotManager(max_loras)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        self._lock = threading.Lock()
+        self._loading: dict[str, Future] = {}
+        self._failed: dict[str, str] = {}  # key -> why the disk read failed
+        self._holds: Counter[str] = Counter()  # key -> requests (queued or running) holding it
+        self._retired: set[str] = set()
+        self._pinned_names: set[str] = set()
+        self.disk_load_seconds: list[float] = []
+        self.slot_write_seconds: list[float] = []
+
+    # ---- registration (any thread) ---------------------------------------------------------
+
+    def parse(self, path: str | Path) -> AdapterWeights:
+        """Read and validate an adapter for this model (raises AdapterError subclasses)."""
+        return load_adapter(
+            path,
+            self._model_config,
+            max_rank=self._max_rank,
+            strict_base=self._strict_base,
+            served_model_name=self._served_model_name,
+        )
+
+    def register(self, name: str, path: str | Path) -> AdapterInfo:
+        if not name or "@" in name:
+            raise ValueError(f"adapter name {name!r} is invalid: use a non-empty name without '@'")
+        started = time.monotonic()
+        weights = self.parse(path)
+        seconds = time.monotonic() - started
+        version = self.registry.reserve_version(name)
+        info = AdapterInfo(
+            name=name,
+            version=version,
+            path=adapter_path(path),
+            rank=weights.max_rank,
+            target_modules=tuple(sorted(weights.tensors)),
+            base_model_name_or_path=weights.config.base_model_name_or_path,
+            warnings=tuple(weights.warnings),
+        )
+        self.cpu.put(info.key, weights)
+        with self._lock:
+            self.disk_load_seconds.append(seconds)
+        replaced = self.registry.publish(info)
+        if replaced is not None:
+            self.retire(replaced.key)
+        log.info("adapter %s registered from %s (rank %d, %d modules)", info.key, info.path, info.rank, len(info.target_modules))
+        return info
+
+    def unregister(self, name: str) -> AdapterInfo | None:
+        info = self.registry.remove(name)
+        if info is not None:
+            self.retire(info.key)
+            with self._lock:
+                self._pinned_names.discard(name)
+        return info
+
+    # ---- request lifetime (any thread) -------------------------------------------------------
+
+    def hold(self, info: AdapterInfo) -> None:
+        with self._lock:
+            self._holds[info.key] += 1
+
+    def drop(self, info: AdapterInfo) -> None:
+        with self._lock:
+            self._holds[info.key] -= 1
+            if self._holds[info.key] <= 0:
+                del self._holds[info.key]
+
+    def retire(self, key: str) -> None:
+        """No new requests get `key`; the worker frees it when nothing holds it."""
+        with self._lock:
+            self._retired.add(key)
+        self._wake()
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        with self._lock:
+            (self._pinned_names.add if pinned else self._pinned_names.discard)(name)
+        self._wake()
+
+    # ---- the worker --------------------------------------------------------------------------
+
+    def slot_for(self, info: AdapterInfo) -> int | None:
+        """worker: the slot serving `info` for one more request (acquired), or None when the
+        request must wait (its weights are being read, or every slot is busy)."""
+        key = info.key
+        if self.slots.slot_of(key) is not None:
+            return self.slots.acquire(key)
+        weights = self.cpu.get(key)
+        if weights is None:
+            self._start_disk_load(info)
+            return None
+        if not self.slots.can_place():
+            return None
+        self._place(key, weights)
+        return self.slots.acquire(key)
+
+    def release(self, info: AdapterInfo) -> None:
+        """worker: a running request on `info` finished."""
+        self.slots.release(info.key)
+
+    def collect(self) -> None:
+        """worker: drop retired versions nothing holds; apply pins."""
+        with self._lock:
+            idle = {key for key in self._retired if self._holds[key] == 0}
+            self._retired -= idle
+            pinned_names = set(self._pinned_names)
+            for key in idle:
+                self._failed.pop(key, None)
+        for key in idle:
+            slot = self.slots.slot_of(key)
+            if self.slots.retire(key) and slot is not None:
+                clear_slot(self._layers, slot)  # so a stale adapter cannot leak into a bug's output
+            self.cpu.pop(key)
+        for _, entry in self.slots.entries():
+            if not entry.retired:
+                name = entry.key.rpartition("@")[0]
+                current = self.registry.current(name) if name in pinned_names else None
+                wanted = current is not None and current.key == entry.key  # only the current version
+                (self.slots.pin if wanted else self.slots.unpin)(entry.key)
+        for name in pinned_names:
+            info = self.registry.current(name)
+            if info is None or self.slots.slot_of(info.key) is not None:
+                continue
+            weights = self.cpu.get(info.key)
+            if weights is None:
+                self._start_disk_load(info)
+            elif self.slots.can_place():
+                self._place(info.key, weights)
+                self.slots.pin(info.key)
+
+    def resident(self) -> list[ResidentAdapter]:
+        """worker: the slot table."""
+        return [
+            ResidentAdapter(entry.key.rpartition("@")[0], int(entry.key.rpartition("@")[2]), slot, entry.refcount, entry.pinned)
+            for slot, entry in self.slots.entries()
+        ]
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _place(self, key: str, weights: AdapterWeights) -> None:
+        started = time.monotonic()
+        placement = self.slots.place(key, weights.nbytes)
+        write_to_slot(self._layers, placement.slot, weights)
+        with self._lock:
+            self.slot_write_seconds.append(time.monotonic() - started)
+        if placement.evicted:
+            log.debug("adapter %s evicted from slot %d for %s", placement.evicted, placement.slot, key)
+
+    def _start_disk_load(self, info: AdapterInfo) -> None:
+        with self._lock:
+            if info.key in self._failed:
+                raise AdapterUnavailableError(self._failed[info.key])
+            if info.key in self._loading:
+                return
+            self._loading[info.key] = self._loader.submit(self._load_from_disk, info)
+
+    def _load_from_disk(self, info: AdapterInfo) -> None:
+        started = time.monotonic()
+        try:
+            weights = self.parse(info.path)
+        except Exception as err:  # the file changed or vanished since registration
+            log.error("adapter %s could not be read back from %s: %s", info.key, info.path, err)
+            with self._lock:
+                self._failed[info.key] = f"adapter {info.key} could not be read from {info.path}: {err}"
+        else:
+            self.cpu.put(info.key, weights)
+            with self._lock:
+                self.disk_load_seconds.append(time.monotonic() - started)
+        finally:
+            with self._lock:
+                self._loading.pop(info.key, None)
+            self._wake()

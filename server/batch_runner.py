@@ -1,0 +1,153 @@
+"""One step of the running batch: a prefill chunk for new rows, then one decode step for all.
+
+Each row carries its own cache row, position, adapter slot, sampling parameters and generator,
+so rows join and leave between any two steps. Long prompts are prefilled `prefill_chunk` tokens
+per step (across all new rows) so that rows already decoding do not stall behind them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from adapters.routing import AdapterRouting
+from backbone.model import CausalLM
+from backbone.sampling import sample_next_tokens
+from server.batch_state import CachePool, Row
+from server.request_handle import Finished, TextDelta
+
+# Right-padding id for prefill chunks of unequal length: a pad's key lands past the row's real
+# tokens and is overwritten before any real query can see it (backbone/kv_cache.py).
+PAD_TOKEN_ID = 0
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: CachePool,
+        stop_token_ids: set[int],
+        prefill_chunk: int,
+        on_finish: Callable[[Row, Finished], None],
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.stop_token_ids = stop_token_ids
+        self.prefill_chunk = prefill_chunk
+        self._on_finish = on_finish  # the engine's bookkeeping when a row leaves
+        self._device = model.inv_freq.device
+
+    def step(self, rows: list[Row]) -> None:
+        """Advance every row by one step; finished rows are reported through `on_finish`."""
+        with torch.inference_mode():
+            self._prefill(rows)
+            decoding = [row for row in rows if not row.prefilling and not row.handle.done]
+            if decoding:
+                self._decode(decoding)
+
+    def finish(self, row: Row, reason: str, error: str | None = None) -> None:
+        """End a row: send the held-back text (unless cancelled or failed), then Finished."""
+        if reason in ("stop", "length"):
+            tail = row.stream.finish()
+            if tail or row.unsent_ids:
+                row.handle.push(TextDelta(tail, row.unsent_ids))
+        row.unsent_ids = []
+        finished = Finished(
+            finish_reason=reason,
+            text=row.stream.text,
+            token_ids=list(row.generated),
+            prompt_tokens=len(row.prompt),
+            completion_tokens=len(row.generated),
+            error=error,
+            first_token_time=row.first_token_time,
+            end_time=time.monotonic(),
+        )
+        self._on_finish(row, finished)
+        row.handle.push(finished)
+
+    # ---- prefill ---------------------------------------------------------------------------
+
+    def _prefill(self, rows: list[Row]) -> None:
+        budget = self.prefill_chunk
+        chunks: list[tuple[Row, int, int]] = []  # (row, first position, tokens)
+        for row in rows:
+            if budget == 0:
+                break
+            if row.prefilling:
+                count = min(len(row.prompt) - row.prefilled, budget)
+                chunks.append((row, row.prefilled, count))
+                budget -= count
+        if not chunks:
+            return
+        width = max(count for _, _, count in chunks)
+        input_ids = torch.full((len(chunks), width), PAD_TOKEN_ID, dtype=torch.long)
+        for index, (row, start, count) in enumerate(chunks):
+            input_ids[index, :count] = torch.as_tensor(row.prompt[start : start + count])
+        starts = torch.tensor([start for _, start, _ in chunks])
+        positions = starts[:, None] + torch.arange(width)[None, :]  # (B, width)
+        self.pool.ensure_positions(int(positions.max()) + 1)
+        logits = self.model(
+            input_ids.to(self._device),
+            positions=positions.to(self._device),
+            cache=self.pool.cache,
+            cache_rows=self._tensor([row.cache_row for row, _, _ in chunks]),
+            routing=_routing([row.slot for row, _, _ in chunks], self._device),
+            logits_for="last",
+            last_index=self._tensor([count - 1 for _, _, count in chunks]),
+        )[:, 0]  # (B, V)
+        done = []
+        for index, (row, start, count) in enumerate(chunks):
+            row.prefilled = start + count
+            if not row.prefilling:
+                done.append(index)
+        if done:
+            # Rows whose whole prompt is in now get their first token from this call's logits.
+            self._sample_and_accept([chunks[i][0] for i in done], logits[done])
+
+    # ---- decode ----------------------------------------------------------------------------
+
+    def _decode(self, rows: list[Row]) -> None:
+        positions = [row.next_position for row in rows]
+        self.pool.ensure_positions(max(positions) + 1)
+        logits = self.model(
+            self._tensor([row.generated[-1] for row in rows])[:, None],
+            positions=self._tensor(positions)[:, None],
+            cache=self.pool.cache,
+            cache_rows=self._tensor([row.cache_row for row in rows]),
+            routing=_routing([row.slot for row in rows], self._device),
+            logits_for="last",
+        )[:, 0]  # (B, V)
+        self._sample_and_accept(rows, logits)
+
+    def _sample_and_accept(self, rows: list[Row], logits: torch.Tensor) -> None:
+        tokens = sample_next_tokens(logits, [row.params for row in rows], [row.generator for row in rows])
+        for row, token in zip(rows, tokens.tolist()):  # the step's one device sync
+            self._accept(row, token)
+
+    def _accept(self, row: Row, token: int) -> None:
+        row.mark_first_token()
+        if token in self.stop_token_ids:
+            self.finish(row, "stop")
+            return
+        row.generated.append(token)
+        row.unsent_ids.append(token)
+        text = row.stream.push(token)
+        if row.stream.stopped:
+            self.finish(row, "stop")
+            return
+        if text:
+            row.handle.push(TextDelta(text, row.unsent_ids))
+            row.unsent_ids = []
+        if len(row.generated) >= row.params.max_tokens:
+            self.finish(row, "length")
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self._device)
+
+
+def _routing(slots: list[int], device: torch.device) -> AdapterRouting | None:
+    if all(slot < 0 for slot in slots):
+        return None  # the base alone: skip the LoRA path entirely
+    return AdapterRouting(torch.tensor(slots, dtype=torch.long, device=device))

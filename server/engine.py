@@ -1,0 +1,358 @@
+"""The serving engine: continuous batching over mixed adapters (DESIGN decisions 5 and 6).
+
+One worker thread owns the model. HTTP handlers (any thread) call `submit`, `register_adapter`
+and friends, which only validate, enqueue and wake the worker. Each worker step admits queued
+requests whose adapter has (or can get) a slot, prefills a chunk of new prompts, and runs one
+decode step for every running row; rows join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.injection import inject_lora
+from backbone.model import CausalLM
+from backbone.tokenizer import Tokenizer
+from router.adapter_registry import AdapterInfo
+from server.adapter_tiers import AdapterTiers, AdapterUnavailableError, ResidentAdapter
+from server.batch_runner import BatchRunner
+from server.batch_state import CachePool, Row
+from server.engine_errors import (
+    EngineStoppedError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    UnknownAdapterError,
+)
+from server.request_handle import Finished, GenerationRequest, RequestHandle, TextDelta
+from server.text_stream import TextStream
+
+__all__ = [
+    "AdapterInfo",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "Finished",
+    "GenerationRequest",
+    "RequestHandle",
+    "ResidentAdapter",
+    "TextDelta",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 16  # rows decoding at once (= KV-cache rows)
+    max_queued: int = 256  # waiting requests; beyond -> QueueFullError at submit (fail fast)
+    max_context: int | None = None  # prompt + max_tokens limit; None = the model's max_position_embeddings
+    max_loras: int = 8  # resident adapter slots in the stacked LoRA buffers
+    max_cpu_loras: int = 32  # parsed adapters kept in CPU memory (LRU)
+    max_lora_rank: int = 64  # slot rank; every decode step pays for it, so keep it near real ranks
+    prefill_chunk: int = 256  # prompt tokens per step across new rows, so decoding rows don't stall long
+    strict_base: bool = False  # refuse adapters that record another base model
+
+
+@dataclass
+class EngineStats:
+    queued: int
+    running: int
+    max_running: int
+    max_loras: int
+    resident: list[ResidentAdapter]  # the slot table: name, version, slot, in_use, pinned
+    running_adapters: dict[str, int]  # adapter name -> running requests
+    waiting_adapters: dict[str, int]  # adapter name -> queued requests
+    cpu_cache_entries: int
+    cpu_cache_bytes: int
+    resident_bytes: int
+    kv_cache_bytes: int
+    disk_loads: int  # adapter reads from disk (registrations and reloads)
+    disk_load_seconds_p50: float | None
+    disk_load_seconds_p95: float | None
+    slot_writes: int  # CPU -> slot copies
+    slot_write_seconds_p50: float | None
+    slot_write_seconds_p95: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    completion_tokens_by_adapter: dict[str, int]  # "" = the base model
+    finished: dict[str, int]  # finish_reason -> requests
+    steps: int
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    handle: RequestHandle
+    adapter: AdapterInfo | None
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    by_adapter: Counter = field(default_factory=Counter)
+    finished: Counter = field(default_factory=Counter)
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig, served_model_name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.served_model_name = served_model_name
+        self.max_context = config.max_context or model.config.max_position_embeddings
+        if config.max_running < 1 or config.max_queued < 0 or config.prefill_chunk < 1:
+            raise ValueError(
+                f"max_running ({config.max_running}) and prefill_chunk ({config.prefill_chunk}) must be >= 1 "
+                f"and max_queued ({config.max_queued}) >= 0"
+            )
+        layers = inject_lora(model, model.linear_modules(), num_slots=config.max_loras, max_rank=config.max_lora_rank)
+        self._lock = threading.RLock()  # re-entered when an adapter call under it wakes the worker
+        self._wakeup = threading.Condition(self._lock)
+        self._dirty = False  # something happened that the worker has not looked at yet
+        self.tiers = AdapterTiers(
+            model.config,
+            layers,
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+            max_rank=config.max_lora_rank,
+            strict_base=config.strict_base,
+            served_model_name=served_model_name,
+            wake=self._wake,
+        )
+        # A padded prefill chunk may write up to prefill_chunk positions past a prompt's end.
+        self._pool = CachePool(model.config, config.max_running, self.max_context + config.prefill_chunk)
+        stop_ids = set(tokenizer.eos_token_ids or model.config.eos_token_ids)
+        self._runner = BatchRunner(model, self._pool, stop_ids, config.prefill_chunk, self._row_finished)
+        self._queue: deque[_Pending] = deque()
+        self._rows: list[Row] = []
+        self._counters = _Counters()
+        self._resident: list[ResidentAdapter] = []  # the worker's last view of the slot table
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stopped = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        if self._stopped:
+            raise EngineStoppedError()
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._stopped = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._finish_everything("the engine shut down before it started")
+        self.tiers.shutdown()
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Validate the adapter fully, then make it `name`'s current version (a new version if
+        the name exists: requests already submitted finish on the version they got)."""
+        return self.tiers.register(name, path)
+
+    def unregister_adapter(self, name: str) -> None:
+        with self._lock:  # with submit's lookup-and-hold, so no request slips between
+            if self.tiers.unregister(name) is None:
+                raise UnknownAdapterError(name, [info.name for info in self.tiers.registry.infos()])
+
+    def adapter_infos(self) -> list[AdapterInfo]:
+        return self.tiers.registry.infos()
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        """Keep `name`'s current version resident (loaded into a slot as soon as one is free)."""
+        if self.tiers.registry.current(name) is None:
+            raise UnknownAdapterError(name, [info.name for info in self.tiers.registry.infos()])
+        self.tiers.set_pinned(name, pinned)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        prompt = request.prompt_ids
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; send at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab}); re-tokenize the prompt")
+        if len(prompt) + request.params.max_tokens > self.max_context:
+            raise PromptTooLongError(len(prompt), request.params.max_tokens, self.max_context)
+        with self._lock:
+            if self._stopped:
+                raise EngineStoppedError()
+            adapter = None
+            if request.adapter is not None:
+                adapter = self.tiers.registry.current(request.adapter)
+                if adapter is None:
+                    raise UnknownAdapterError(request.adapter, [info.name for info in self.tiers.registry.infos()])
+            if len(self._queue) >= self.config.max_queued:
+                raise QueueFullError(self.config.max_queued)
+            handle = RequestHandle(request, adapter, self._cancel)
+            if adapter is not None:
+                self.tiers.hold(adapter)
+            self._queue.append(_Pending(request, handle, adapter))
+            self._dirty = True
+            self._wakeup.notify_all()
+        return handle
+
+    def stats(self) -> EngineStats:
+        tiers = self.tiers
+        with self._lock:
+            loads, writes = list(tiers.disk_load_seconds), list(tiers.slot_write_seconds)
+            return EngineStats(
+                queued=len(self._queue),
+                running=len(self._rows),
+                max_running=self.config.max_running,
+                max_loras=self.config.max_loras,
+                resident=list(self._resident),
+                running_adapters=dict(Counter(row.adapter.name for row in self._rows if row.adapter)),
+                waiting_adapters=dict(Counter(p.adapter.name for p in self._queue if p.adapter)),
+                cpu_cache_entries=len(tiers.cpu),
+                cpu_cache_bytes=tiers.cpu.nbytes,
+                resident_bytes=tiers.slots.resident_bytes,
+                kv_cache_bytes=self._pool.nbytes,
+                disk_loads=len(loads),
+                disk_load_seconds_p50=_quantile(loads, 0.5),
+                disk_load_seconds_p95=_quantile(loads, 0.95),
+                slot_writes=len(writes),
+                slot_write_seconds_p50=_quantile(writes, 0.5),
+                slot_write_seconds_p95=_quantile(writes, 0.95),
+                prompt_tokens=self._counters.prompt_tokens,
+                completion_tokens=self._counters.completion_tokens,
+                completion_tokens_by_adapter=dict(self._counters.by_adapter),
+                finished=dict(self._counters.finished),
+                steps=self._counters.steps,
+            )
+
+    # ---- the worker ------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._dirty = True
+            self._wakeup.notify_all()
+
+    def _cancel(self, request_id: str) -> None:  # noqa: ARG002 - the worker reads handle.cancelled
+        self._wake()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._wakeup.wait_for(lambda: self._stopping or self._dirty or bool(self._rows))
+                if self._stopping:
+                    break
+                self._dirty = False
+            try:
+                self._step()
+            except Exception as err:  # a bug must not kill the server: fail the rows in flight
+                log.exception("engine step failed")
+                for row in list(self._rows):
+                    self._runner.finish(row, "error", error=f"internal error: {err}")
+        self._finish_everything("the engine shut down")
+
+    def _step(self) -> None:
+        self.tiers.collect()
+        for row in [row for row in self._rows if row.handle.cancelled]:
+            self._runner.finish(row, "cancelled")
+        self._admit()
+        if self._rows:
+            self._runner.step(list(self._rows))
+        self.tiers.collect()  # versions whose last request just finished
+        with self._lock:
+            self._resident = self.tiers.resident()
+            self._counters.steps += 1
+
+    def _admit(self) -> None:
+        with self._lock:
+            waiting = list(self._queue)
+        admitted: set[int] = set()
+        for pending in waiting:
+            handle = pending.handle
+            if handle.cancelled:
+                admitted.add(id(pending))
+                self._end_unadmitted(pending, "cancelled", None)
+                continue
+            if len(self._rows) >= self.config.max_running:
+                break
+            try:
+                slot = -1 if pending.adapter is None else self.tiers.slot_for(pending.adapter)
+            except AdapterUnavailableError as err:
+                admitted.add(id(pending))
+                self._end_unadmitted(pending, "error", str(err))
+                continue
+            if slot is None:
+                continue  # waits for its own adapter; others go ahead
+            admitted.add(id(pending))
+            params = pending.request.params
+            self._rows.append(
+                Row(
+                    request=pending.request,
+                    handle=handle,
+                    adapter=pending.adapter,
+                    slot=slot,
+                    cache_row=self._pool.take(),
+                    stream=TextStream(self.tokenizer, params.stop),
+                    generator=params.make_generator(),
+                )
+            )
+        if admitted:
+            with self._lock:
+                self._queue = deque(p for p in self._queue if id(p) not in admitted)
+
+    def _row_finished(self, row: Row, finished: Finished) -> None:
+        """Called by the runner as a row ends: free its cache row and slot at once."""
+        self._rows.remove(row)
+        self._pool.give_back(row.cache_row)
+        if row.adapter is not None:
+            self.tiers.release(row.adapter)
+            self.tiers.drop(row.adapter)
+        with self._lock:
+            self._count(finished, row.adapter)
+            self._resident = self.tiers.resident()
+            self._dirty = True  # a freed row or slot may admit a waiting request
+
+    def _end_unadmitted(self, pending: _Pending, reason: str, error: str | None) -> None:
+        finished = Finished(reason, "", [], len(pending.request.prompt_ids), 0, error=error)
+        if pending.adapter is not None:
+            self.tiers.drop(pending.adapter)
+        with self._lock:
+            self._count(finished, pending.adapter)
+        pending.handle.push(finished)
+
+    def _count(self, finished: Finished, adapter: AdapterInfo | None) -> None:
+        counters = self._counters
+        counters.prompt_tokens += finished.prompt_tokens
+        counters.completion_tokens += finished.completion_tokens
+        counters.by_adapter[adapter.name if adapter else ""] += finished.completion_tokens
+        counters.finished[finished.finish_reason] += 1
+
+    def _finish_everything(self, reason: str) -> None:
+        for row in list(self._rows):
+            self._runner.finish(row, "cancelled", error=reason)
+        with self._lock:
+            waiting, self._queue = list(self._queue), deque()
+        for pending in waiting:
+            self._end_unadmitted(pending, "cancelled", reason)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
