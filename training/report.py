@@ -57,7 +57,7 @@ def write_plots(log_path: Path, folder: Path, task_names: list[str]) -> list[Pat
     for index, name in enumerate(task_names):
         points = [(r["step"], r["task_loss"][index]) for r in steps if r["task_loss"][index] is not None]
         if points:
-            axis.plot(*zip(*points), label=f"{name} train", linewidth=1)
+            axis.plot(*zip(*points), ".-", label=f"{name} train", linewidth=1)
         eval_points = [(r["step"], r["tasks"][name]["loss"]) for r in evals if name in r["tasks"]]
         if eval_points:
             axis.plot(*zip(*eval_points), "o--", label=f"{name} eval")

@@ -70,13 +70,17 @@ def test_gradvac_positive_target_reaches_that_cosine():
     grads = torch.tensor([[1.0, 0.0, 0.3], [-0.5, 1.0, 0.0]], dtype=torch.float64)
     vac = GradVac(num_tasks=2, beta=0.01)
     vac.targets.fill_(0.3)
-    g0 = grads[0].clone()
-    norm0, norm1 = g0.norm(), grads[1].norm()
-    cos = float(g0 @ grads[1] / (norm0 * norm1))
-    coeff = norm0 * (0.3 * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - 0.3**2)) / (norm1 * math.sqrt(1 - 0.3**2))
-    adjusted = g0 + coeff * grads[1]
-    assert math.isclose(float(adjusted @ grads[1] / (adjusted.norm() * norm1)), 0.3, rel_tol=1e-9)
-    vac(grads, torch.Generator().manual_seed(0))
+
+    def lifted(i, j):  # Wang et al. 2021, eq. 3: the multiple of g_j that makes cos(g_i', g_j) = target
+        g_i, g_j = grads[i], grads[j]
+        cos = float(g_i @ g_j / (g_i.norm() * g_j.norm()))
+        coeff = g_i.norm() * (0.3 * math.sqrt(1 - cos**2) - cos * math.sqrt(1 - 0.3**2)) / (g_j.norm() * math.sqrt(1 - 0.3**2))
+        return g_i + coeff * g_j
+
+    for i, j in ((0, 1), (1, 0)):
+        adjusted = lifted(i, j)
+        assert math.isclose(float(adjusted @ grads[j] / (adjusted.norm() * grads[j].norm())), 0.3, rel_tol=1e-9)
+    torch.testing.assert_close(vac(grads, torch.Generator().manual_seed(0)), lifted(0, 1) + lifted(1, 0))
 
 
 def test_conflict_rate_counts_negative_pairs_of_present_tasks():
