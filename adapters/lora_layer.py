@@ -112,10 +112,11 @@ class LoraLinear(Projection):
             return out + self._decode_delta(x, routing, lora_A, lora_B)
         slots = routing.slot_ids.clamp(min=0)
         scale = (self.lora_scale[slots] * (routing.slot_ids >= 0)).to(x.dtype)  # rows on the base get 0
-        hidden = torch.bmm(x, lora_A[slots].transpose(1, 2)) * scale[:, None, None]  # (B, T, r)
+        hidden = torch.bmm(x, lora_A.index_select(0, slots).transpose(1, 2)) * scale[:, None, None]  # (B, T, r)
         # Accumulate into the base output in place: the (B, T, out) delta is never materialised,
         # which saves two full passes over the output (F.linear's backward does not need `out`).
-        return out.baddbmm_(hidden, lora_B[slots].transpose(1, 2))
+        # index_select, not fancy indexing: its backward is a fast index_add, not a scatter.
+        return out.baddbmm_(hidden, lora_B.index_select(0, slots).transpose(1, 2))
 
     def _decode_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # One token per row: run every row through the adapters in use (U of them) as one dense
