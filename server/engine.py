@@ -299,24 +299,25 @@ class Engine:
                 continue  # waits for its own adapter; others go ahead
             admitted.add(id(pending))
             params = pending.request.params
-            self._rows.append(
-                Row(
-                    request=pending.request,
-                    handle=handle,
-                    adapter=pending.adapter,
-                    slot=slot,
-                    cache_row=self._pool.take(),
-                    stream=TextStream(self.tokenizer, params.stop),
-                    generator=params.make_generator(),
-                )
+            row = Row(
+                request=pending.request,
+                handle=handle,
+                adapter=pending.adapter,
+                slot=slot,
+                cache_row=self._pool.take(),
+                stream=TextStream(self.tokenizer, params.stop),
+                generator=params.make_generator(),
             )
+            with self._lock:  # stats() reads the rows from other threads
+                self._rows.append(row)
         if admitted:
             with self._lock:
                 self._queue = deque(p for p in self._queue if id(p) not in admitted)
 
     def _row_finished(self, row: Row, finished: Finished) -> None:
         """Called by the runner as a row ends: free its cache row and slot at once."""
-        self._rows.remove(row)
+        with self._lock:
+            self._rows.remove(row)
         self._pool.give_back(row.cache_row)
         if row.adapter is not None:
             self.tiers.release(row.adapter)
