@@ -6,7 +6,7 @@ import torch
 from adapters.injection import inject_lora
 from adapters.routing import AdapterRouting
 from backbone import KVCache, load_model
-from backbone.generate import Completion, decode_step, generate, prefill
+from backbone.generate import Completion, decode_step, generate, prefill, select_routing_rows
 from backbone.sampling import SamplingParams
 from tiny_models import load_reference, save_tiny_model
 
@@ -178,6 +178,15 @@ def test_rows_leaving_a_mixed_adapter_batch_keep_their_adapters(tiny_llama_dir):
         expected = tokens[: tokens.index(stop_token)] if stop_token in tokens else tokens
         assert completion.token_ids == expected
     assert any(len(c.token_ids) == 10 for c in batched), "no row outlived the early finishers"
+
+
+def test_routing_of_the_kept_rows_keeps_its_other_settings():
+    routing = AdapterRouting(torch.tensor([3, -1, 5, 3]), shared_slot=7, task_ids=torch.tensor([0, 1, 2, 0]), num_tasks=3)
+    kept = select_routing_rows(routing, torch.tensor([1, 2]))
+    assert kept.slot_ids.tolist() == [-1, 5] and kept.task_ids.tolist() == [1, 2]
+    assert (kept.shared_slot, kept.num_tasks) == (7, 3)
+    assert kept.active_slots.tolist() == [5] and kept.row_to_active.tolist() == [-1, 0]
+    assert select_routing_rows(None, torch.tensor([0])) is None
 
 
 @pytest.mark.parametrize(
