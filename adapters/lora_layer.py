@@ -32,6 +32,9 @@ class LoraLinear(Projection):
         self.trainable_A = nn.ParameterDict()
         self.trainable_B = nn.ParameterDict()
         self.task_grads: TaskGradSink | None = None
+        # Rank of each slot's adapter, on the host: a batch computes only up to the largest rank
+        # among its adapters, so a server sized for rank 64 pays rank-16 cost for rank-16 adapters.
+        self.slot_ranks = [0] * num_slots
 
     @property
     def num_slots(self) -> int:
@@ -50,6 +53,7 @@ class LoraLinear(Projection):
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
             self.lora_scale[slot] = 0.0
+            self.slot_ranks[slot] = 0
             if lora_A is None or lora_B is None:
                 return
             rank = lora_A.shape[0]
@@ -58,11 +62,13 @@ class LoraLinear(Projection):
             self.lora_A[slot, :rank].copy_(lora_A)
             self.lora_B[slot, :, :rank].copy_(lora_B)
             self.lora_scale[slot] = scale
+            self.slot_ranks[slot] = rank
 
     def make_trainable(self, slot: int) -> None:
         """Turn `slot` into parameters with gradients (initialised from the buffers)."""
         self.trainable_A[str(slot)] = nn.Parameter(self.lora_A[slot].clone())
         self.trainable_B[str(slot)] = nn.Parameter(self.lora_B[slot].clone())
+        self.slot_ranks[slot] = self.max_rank  # training may fill any row
 
     def freeze_trainable(self) -> None:
         """Copy trained parameters back into the buffers and drop them."""
@@ -98,7 +104,8 @@ class LoraLinear(Projection):
             return out
         lora_A, lora_B = self._stacks()
         if routing.active_slots.numel() > 0:
-            out = self._add_per_row_delta(out, x, routing, lora_A, lora_B)
+            rank = max(self.slot_ranks[slot] for slot in routing.active_list)
+            out = self._add_per_row_delta(out, x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
         if routing.shared_slot is not None:
             out = out + self._shared_delta(x, routing, lora_A[routing.shared_slot], lora_B[routing.shared_slot])
         return out
@@ -124,7 +131,7 @@ class LoraLinear(Projection):
         # adapter over B's stored layout (a transposed operand, not a copy: copying B into
         # (U*r, out) cost more than the whole matmul).
         active = routing.active_slots
-        used, rank = active.numel(), self.max_rank
+        used, rank = active.numel(), lora_A.shape[1]
         batch = x.shape[0]
         if used == 1:  # one adapter (plus rows on the base): views of its weights, no gathers
             slot = routing.active_list[0]

@@ -177,3 +177,13 @@ def test_a_narrower_adapter_replaces_a_wider_one_in_a_slot(tiny_llama_dir):
     too_big = AdapterWeights.initialized(LoraConfig(r=16, target_modules=["q_proj"]), model)
     with pytest.raises(RankTooLargeError, match="maximum 8"):
         write_to_slot(layers, 0, too_big)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_batch_computes_only_up_to_the_largest_rank_in_use(length):
+    layer = _layer_with_adapters(ranks=(2, 4, 3), max_rank=32)
+    x = torch.randn(5, length, 16)
+    for slot_ids in ([0, 0, -1, 2, 2], [0, 1, 2, -1, 1]):
+        routing = AdapterRouting(torch.tensor(slot_ids))
+        torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+    assert layer.slot_ranks[:3] == [2, 4, 3]
