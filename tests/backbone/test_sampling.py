@@ -38,6 +38,13 @@ def test_all_greedy_rows_take_the_argmax():
     assert torch.equal(tokens, logits.argmax(-1))
 
 
+def test_greedy_ties_pick_the_first_maximum():
+    logits = torch.zeros(2, 10)
+    logits[0, [3, 6]] = 1.0
+    logits[1, [0, 9]] = 2.0
+    assert sample_next_tokens(logits, [SamplingParams()] * 2, [None] * 2).tolist() == [3, 0]
+
+
 def test_greedy_rows_stay_argmax_beside_sampled_rows():
     logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(1))
     params = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=2.0)]
