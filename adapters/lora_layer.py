@@ -111,11 +111,15 @@ class LoraLinear(Projection):
         return out
 
     def _add_per_row_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
-        # Decode with rows sharing adapters (two or more rows per adapter on average): one dense
-        # matmul over the adapters in use reads each adapter once. Otherwise (prefill, training,
+        # Decode with rows sharing adapters (two or more rows per adapter on average) or with the
+        # adapters in consecutive slots (views, no gathers): one dense matmul over the adapters in
+        # use reads each adapter once. Otherwise (prefill, training,
         # decode with mostly distinct adapters) gathering each row's own A/B is cheaper: the
         # compute is the minimum and nothing is computed for adapters a row does not use.
-        if x.shape[1] == 1 and 2 * routing.active_slots.numel() <= routing.rows_on_adapters:
+        dense_is_cheaper = routing.active_range is not None or 2 * len(routing.active_list) <= routing.rows_on_adapters
+        if x.shape[1] == 1 and routing.rows_by_slot is not None:
+            return self._add_distinct_decode_delta(out, x, routing, lora_A, lora_B)
+        if x.shape[1] == 1 and dense_is_cheaper:
             return out + self._decode_delta(x, routing, lora_A, lora_B)
         slots = routing.slot_ids.clamp(min=0)
         scale = (self.lora_scale[slots] * (routing.slot_ids >= 0)).to(x.dtype)  # rows on the base get 0
@@ -124,6 +128,15 @@ class LoraLinear(Projection):
         # which saves two full passes over the output (F.linear's backward does not need `out`).
         # index_select, not fancy indexing: its backward is a fast index_add, not a scatter.
         return out.baddbmm_(hidden, lora_B.index_select(0, slots).transpose(1, 2))
+
+    def _add_distinct_decode_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
+        # Each row on its own adapter, the adapters in consecutive slots: line the rows up in slot
+        # order and run batched matmuls over views of the stacks (no weight gathers, and no
+        # compute spent on adapters a row does not use), then add the deltas back by row.
+        rows, span = routing.rows_by_slot, routing.active_range
+        scale = self.lora_scale[span].to(x.dtype)[:, None, None]
+        hidden = torch.bmm(x.index_select(0, rows), lora_A[span].transpose(1, 2)) * scale  # (U, 1, r)
+        return out.index_add_(0, rows, torch.bmm(hidden, lora_B[span].transpose(1, 2)))  # (B, 1, out)
 
     def _decode_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # One token per row: run every row through the adapters in use (U of them) as one dense
@@ -137,10 +150,12 @@ class LoraLinear(Projection):
             slot = routing.active_list[0]
             keep = routing.active_mask[:, :1].to(x.dtype) * self.lora_scale[slot].to(x.dtype)  # (B, 1)
             return F.linear(F.linear(x[:, 0], lora_A[slot]) * keep, lora_B[slot])[:, None]
-        hidden = x[:, 0] @ lora_A[active].reshape(used * rank, -1).T  # (B, U*r)
-        keep = routing.active_mask.to(x.dtype) * self.lora_scale[active].to(x.dtype)  # (B, U)
+        # Consecutive slots are views of the stacks; others need a gather.
+        index = routing.active_range if routing.active_range is not None else active
+        hidden = x[:, 0] @ lora_A[index].reshape(used * rank, -1).T  # (B, U*r)
+        keep = routing.active_mask.to(x.dtype) * self.lora_scale[index].to(x.dtype)  # (B, U)
         hidden = hidden.view(batch, used, rank) * keep[:, :, None]  # (B, U, r)
-        per_adapter = torch.bmm(hidden.transpose(0, 1), lora_B[active].transpose(1, 2))  # (U, B, out)
+        per_adapter = torch.bmm(hidden.transpose(0, 1), lora_B[index].transpose(1, 2))  # (U, B, out)
         return per_adapter.sum(0)[:, None]  # (B, 1, out)
 
     def _shared_delta(self, x, routing: AdapterRouting, shared_A, shared_B) -> torch.Tensor:

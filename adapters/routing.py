@@ -28,6 +28,12 @@ class AdapterRouting:
     rows_on_adapters: int = field(init=False)  # rows with a slot of their own (not -1)
     active_mask: torch.Tensor = field(init=False)  # (B, U) one-hot: row b uses active adapter u
     active_list: list[int] = field(init=False)  # active_slots on the host, read once per batch
+    # The active slots as a slice when they are consecutive (the slot manager fills slots in
+    # order), so layers can take views of their stacks instead of gathering.
+    active_range: slice | None = field(init=False)
+    # When every row on an adapter has an adapter of its own in consecutive slots: the row of each
+    # of those slots, in slot order. Decode then runs each row through views of its own weights.
+    rows_by_slot: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.slot_ids = self.slot_ids.long()
@@ -39,6 +45,14 @@ class AdapterRouting:
         in_use = torch.arange(self.active_slots.numel(), device=self.slot_ids.device)
         self.active_mask = (self.row_to_active[:, None] == in_use).float()
         self.active_list = self.active_slots.tolist()
+        first = self.active_list[0] if self.active_list else 0
+        consecutive = self.active_list == list(range(first, first + len(self.active_list)))
+        self.active_range = slice(first, first + len(self.active_list)) if self.active_list and consecutive else None
+        self.rows_by_slot = None
+        if self.active_range is not None and self.rows_on_adapters == len(self.active_list):
+            rows = (self.slot_ids >= 0).nonzero().squeeze(1)
+            self.rows_by_slot = torch.empty_like(rows)
+            self.rows_by_slot[self.row_to_active[rows]] = rows
 
     @classmethod
     def single(cls, slot: int, batch: int) -> "AdapterRouting":

@@ -32,6 +32,7 @@ from backbone.loading import load_model  # noqa: E402
 from backbone.model_source import resolve_model  # noqa: E402
 from backbone.sampling import SamplingParams  # noqa: E402
 from backbone.tokenizer import Tokenizer  # noqa: E402
+from server.compute_threads import DEFAULT_COMPUTE_THREADS, claim_compute, keep_thread_serial  # noqa: E402
 from server.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 
 RANK = 16
@@ -111,6 +112,39 @@ def run_streams(engine: Engine, plan: list[list[str]], prompt: list[int], new_to
     return {"seconds": round(seconds, 3), "tokens": sum(tokens), "tokens_per_s": round(sum(tokens) / seconds, 2)}
 
 
+def in_compute_thread(work):
+    """Run `work` in a fresh thread that owns the parallel math, as the engine's worker does."""
+    result = {}
+
+    def run() -> None:
+        claim_compute(None)
+        result["value"] = work()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result["value"]
+
+
+def references(model_dir: Path, paths: list[Path], batch: list[list[int]], new_tokens: int, skip_peft: bool) -> dict:
+    import transformers
+
+    report = {}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf_generate(hf, batch[:2], 2)  # warm-up
+    report["transformers_generate_base"] = hf_generate(hf, batch, new_tokens)
+    if not skip_peft:
+        import peft
+
+        peft_model = peft.PeftModel.from_pretrained(hf, paths[0], adapter_name="a0")
+        for index, path in enumerate(paths[1:], 1):
+            peft_model.load_adapter(path, adapter_name=f"a{index}")
+        peft_model.eval()
+        names = [f"a{i}" for i in range(len(batch))]
+        report["peft_mixed_batch_16_adapters"] = hf_generate(peft_model, batch, new_tokens, names)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
@@ -121,13 +155,16 @@ def main() -> None:
     batch_size, prompt_len, new_tokens = 16, 64, 32
     zipf_adapters, zipf_streams_count, per_stream = (50, 16, 2) if args.quick else (200, 32, 3)
 
+    # As in the server, one thread at a time runs parallel math: the engine's worker, or the
+    # thread running a reference (server/compute_threads.py explains the 1.5x it costs otherwise).
+    keep_thread_serial()
     model_dir = resolve_model(args.model)
     tokenizer = Tokenizer.from_folder(model_dir)
     vocab = load_model(model_dir).config.vocab_size
     batch = prompts(batch_size, prompt_len, vocab)
     report: dict = {"workload": {"requests": batch_size, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                                  "lora_rank": RANK, "targets": "all linear", "model": str(args.model),
-                                 "threads": torch.get_num_threads(), "rounds": args.rounds}}
+                                 "threads": DEFAULT_COMPUTE_THREADS, "rounds": args.rounds}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model_dir, Path(tmp), batch_size)
 
@@ -165,21 +202,7 @@ def main() -> None:
         }
 
         # ---- references ----
-        import transformers
-
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        hf_generate(hf, batch[:2], 2)  # warm-up
-        report["transformers_generate_base"] = hf_generate(hf, batch, new_tokens)
-        if not args.skip_peft:
-            import peft
-
-            peft_model = peft.PeftModel.from_pretrained(hf, paths[0], adapter_name="a0")
-            for index, path in enumerate(paths[1:], 1):
-                peft_model.load_adapter(path, adapter_name=f"a{index}")
-            peft_model.eval()
-            report["peft_mixed_batch_16_adapters"] = hf_generate(peft_model, batch, new_tokens, [f"a{i}" for i in range(batch_size)])
-            del peft_model
-        del hf
+        report.update(in_compute_thread(lambda: references(model_dir, paths, batch, new_tokens, args.skip_peft)))
 
         # ---- many registered adapters, few slots, Zipf popularity ----
         names = [f"z{i}" for i in range(zipf_adapters)]

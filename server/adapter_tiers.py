@@ -28,6 +28,7 @@ from backbone.config import ModelConfig
 from router.adapter_registry import AdapterInfo, AdapterRegistry, adapter_path
 from router.cpu_cache import CpuAdapterCache
 from router.slot_manager import SlotManager
+from server.compute_threads import keep_thread_serial
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class AdapterTiers:
         self.registry = AdapterRegistry()
         self.cpu = CpuAdapterCache(max_cpu_loras)
         self.slots = SlotManager(max_loras)
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load", initializer=keep_thread_serial)
         self._lock = threading.Lock()
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, str] = {}  # key -> why the disk read failed

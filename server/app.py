@@ -27,6 +27,7 @@ from router.path_guard import PathGuard
 from router.request_router import RequestRouter
 from router.task_table import TaskRoute, TaskTable
 from server.auth import OPEN_GRANT, ApiKeys, Grant
+from server.compute_threads import serial_torch
 from server.engine import Engine, EngineConfig
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
@@ -130,9 +131,10 @@ AdminDep = Annotated[Grant, Depends(get_admin)]
 def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState:
     """Load the model, start the engine, register the configured adapters and tasks. Any bad
     adapter or task here stops startup: a server should not come up half-configured."""
-    model, tokenizer = load_pretrained(settings.model)
-    base_name = settings.served_model_name or served_model_name(settings.model)
-    engine = Engine(model, tokenizer, settings.engine, base_name)
+    with serial_torch():  # the engine's worker is the one thread for parallel math
+        model, tokenizer = load_pretrained(settings.model)
+        base_name = settings.served_model_name or served_model_name(settings.model)
+        engine = Engine(model, tokenizer, settings.engine, base_name)
     engine.start()
     try:
         for name, path in settings.adapters.items():

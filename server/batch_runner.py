@@ -109,13 +109,16 @@ class BatchRunner:
     # ---- decode ----------------------------------------------------------------------------
 
     def _decode(self, rows: list[Row]) -> None:
+        rows = sorted(rows, key=lambda row: row.cache_row)
+        cache_rows = [row.cache_row for row in rows]
         positions = [row.next_position for row in rows]
         self.pool.ensure_positions(max(positions) + 1)
         logits = self.model(
             self._tensor([row.generated[-1] for row in rows])[:, None],
             positions=self._tensor(positions)[:, None],
             cache=self.pool.cache,
-            cache_rows=self._tensor([row.cache_row for row in rows]),
+            # Rows 0..n-1 (the usual full batch) read the cache as a slice, not a gather.
+            cache_rows=None if cache_rows == list(range(len(rows))) else self._tensor(cache_rows),
             routing=_routing([row.slot for row in rows], self._device),
             logits_for="last",
         )[:, 0]  # (B, V)

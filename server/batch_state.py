@@ -7,6 +7,7 @@ token at the next position.
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 
@@ -65,7 +66,9 @@ class CachePool:
         self._config = config
         self.max_positions = max_positions
         self.cache = KVCache.for_model(config, rows, min(initial_positions, max_positions))
-        self._free = list(range(rows - 1, -1, -1))  # pop() hands out row 0 first
+        # A min-heap: the lowest free row goes first, so a full batch occupies rows 0..n-1 and
+        # decode reads the cache as one slice instead of gathering rows (BatchRunner._decode).
+        self._free = list(range(rows))
 
     @property
     def free_rows(self) -> int:
@@ -74,12 +77,12 @@ class CachePool:
     def take(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV-cache row: admit at most max_running requests")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def give_back(self, row: int) -> None:
         # Stale keys need no clearing: the next sequence overwrites each position before any
         # of its queries can see it.
-        self._free.append(row)
+        heapq.heappush(self._free, row)
 
     def ensure_positions(self, needed: int) -> None:
         """Make room for positions [0, needed)."""

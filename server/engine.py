@@ -22,6 +22,7 @@ from router.adapter_registry import AdapterInfo
 from server.adapter_tiers import AdapterTiers, AdapterUnavailableError, ResidentAdapter
 from server.batch_runner import BatchRunner
 from server.batch_state import CachePool, Row
+from server.compute_threads import claim_compute, serial_torch
 from server.engine_errors import (
     EngineStoppedError,
     InvalidRequestError,
@@ -54,9 +55,10 @@ class EngineConfig:
     max_context: int | None = None  # prompt + max_tokens limit; None = the model's max_position_embeddings
     max_loras: int = 8  # resident adapter slots in the stacked LoRA buffers
     max_cpu_loras: int = 32  # parsed adapters kept in CPU memory (LRU)
-    max_lora_rank: int = 64  # slot rank; every decode step pays for it, so keep it near real ranks
+    max_lora_rank: int = 64  # largest adapter rank; a batch computes only up to its own largest rank
     prefill_chunk: int = 256  # prompt tokens per step across new rows, so decoding rows don't stall long
     strict_base: bool = False  # refuse adapters that record another base model
+    compute_threads: int | None = None  # the worker's parallelism; None = the usable cores
 
 
 @dataclass
@@ -165,7 +167,8 @@ class Engine:
     def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate the adapter fully, then make it `name`'s current version (a new version if
         the name exists: requests already submitted finish on the version they got)."""
-        return self.tiers.register(name, path)
+        with serial_torch():  # see compute_threads: only the worker runs parallel math
+            return self.tiers.register(name, path)
 
     def unregister_adapter(self, name: str) -> None:
         with self._lock:  # with submit's lookup-and-hold, so no request slips between
@@ -251,6 +254,7 @@ class Engine:
         self._wake()
 
     def _run(self) -> None:
+        claim_compute(self.config.compute_threads)
         while True:
             with self._lock:
                 self._wakeup.wait_for(lambda: self._stopping or self._dirty or bool(self._rows))

@@ -187,3 +187,19 @@ def test_batch_computes_only_up_to_the_largest_rank_in_use(length):
         routing = AdapterRouting(torch.tensor(slot_ids))
         torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
     assert layer.slot_ranks[:3] == [2, 4, 3]
+
+
+@pytest.mark.parametrize(
+    "slot_ids",
+    [
+        [2, 0, 1],  # each row its own adapter, consecutive slots, rows out of slot order
+        [-1, 3, 2, -1, 1],  # the same with rows on the base between them
+        [0, 2, -1],  # distinct but not consecutive: the gather paths
+        [1, 1, 2, 3, 3],  # shared adapters in consecutive slots: the dense path on views
+    ],
+)
+def test_decode_paths_over_consecutive_slots_match_reference(slot_ids):
+    layer = _layer_with_adapters(ranks=(2, 4, 3, 4), max_rank=8)
+    x = torch.randn(len(slot_ids), 1, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
