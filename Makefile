@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve generate test bench
+.PHONY: install serve generate test
 
 $(BIN)/loraplex: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(BIN)/loraplex: pyproject.toml
 	touch $(BIN)/loraplex
 
 install: $(BIN)/loraplex
+
+serve: install
+	$(BIN)/loraplex serve --config examples/serve_config.yaml
 
 generate: install
 	$(BIN)/loraplex generate --model default --chat "What is the capital of France?"
