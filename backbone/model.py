@@ -61,7 +61,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, hidden)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,  # (B, 1, T, S) True = may attend
+        mask: torch.Tensor | None,  # (B, 1, T, S) True = may attend; None = plain causal, no cache
         positions: torch.Tensor,  # (B, T)
         cache: KVCache | None,
         cache_rows: torch.Tensor | None,
@@ -86,7 +86,8 @@ class Attention(nn.Module):
             if groups > 1:
                 k = k.repeat_interleave(groups, dim=1)
                 v = v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, hd)
+            # is_causal lets SDPA pick its fused causal kernel (training's common case).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, heads, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1), routing)
 
 
@@ -145,9 +146,10 @@ class CausalLM(nn.Module):
         last_index: torch.Tensor | None = None,  # (B,) with logits_for="last": each row's last real token
     ) -> torch.Tensor:
         batch, length = input_ids.shape
+        plain_causal = positions is None and cache is None  # positions 0..T-1 in every row
         if positions is None:
             positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        hidden = self.hidden_states(input_ids, positions, cache, cache_rows, routing)
+        hidden = self.hidden_states(input_ids, positions, cache, cache_rows, routing, plain_causal)
         if logits_for == "last":
             index = torch.full((batch,), length - 1, device=hidden.device) if last_index is None else last_index
             hidden = hidden[torch.arange(batch, device=hidden.device), index][:, None]
@@ -160,11 +162,13 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         cache_rows: torch.Tensor | None = None,
         routing: Routing = None,
+        plain_causal: bool = False,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden)."""
+        """Final-norm hidden states (B, T, hidden). `plain_causal`: positions are 0..T-1 in every
+        row and there is no cache, so attention needs no mask of ours."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq)
-        mask = attention_mask(positions, with_cache=cache is not None)
+        mask = None if plain_causal else attention_mask(positions, with_cache=cache is not None)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, positions, cache, cache_rows, routing)
         return self.model.norm(x)
