@@ -34,7 +34,8 @@ class LoraLinear(Projection):
         self.task_grads: TaskGradSink | None = None
         # Rank of each slot's adapter, on the host: a batch computes only up to the largest rank
         # among its adapters, so a server sized for rank 64 pays rank-16 cost for rank-16 adapters.
-        self.slot_ranks = [0] * num_slots
+        # Full rank until set_slot says otherwise, so a direct write to the buffers stays exact.
+        self.slot_ranks = [max_rank] * num_slots
 
     @property
     def num_slots(self) -> int:
@@ -103,8 +104,9 @@ class LoraLinear(Projection):
         if routing is None:
             return out
         lora_A, lora_B = self._stacks()
-        if routing.active_slots.numel() > 0:
-            rank = max(self.slot_ranks[slot] for slot in routing.active_list)
+        # Rank 0: none of the batch's adapters targets this module (e.g. q/v-only adapters on an MLP).
+        rank = max((self.slot_ranks[slot] for slot in routing.active_list), default=0)
+        if rank > 0:
             out = self._add_per_row_delta(out, x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
         if routing.shared_slot is not None:
             out = out + self._shared_delta(x, routing, lora_A[routing.shared_slot], lora_B[routing.shared_slot])

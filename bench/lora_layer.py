@@ -44,10 +44,8 @@ def make_layers(num_adapters: int) -> dict[str, LoraLinear]:
     layers = {}
     for name, (fan_in, fan_out) in SHAPES.items():
         layer = LoraLinear(nn.Linear(fan_in, fan_out, bias=False), num_slots=num_adapters, max_rank=RANK)
-        with torch.no_grad():
-            layer.lora_A.normal_(0, 0.02)
-            layer.lora_B.normal_(0, 0.02)
-            layer.lora_scale.fill_(2.0)
+        for slot in range(num_adapters):
+            layer.set_slot(slot, torch.randn(RANK, fan_in) * 0.02, torch.randn(fan_out, RANK) * 0.02, 2.0)
         layers[name] = layer
     return layers
 

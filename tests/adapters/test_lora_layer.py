@@ -203,3 +203,33 @@ def test_decode_paths_over_consecutive_slots_match_reference(slot_ids):
     x = torch.randn(len(slot_ids), 1, 16)
     routing = AdapterRouting(torch.tensor(slot_ids))
     torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+def test_buffers_written_directly_count_as_full_rank():
+    layer = LoraLinear(nn.Linear(16, 24), num_slots=2, max_rank=4)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+        layer.lora_scale.fill_(1.5)
+    x = torch.randn(3, 1, 16)
+    routing = AdapterRouting(torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+@pytest.mark.parametrize("slot_ids", [[0, 0, 1, 1], [0, 3, -1, 0, 3, 2], [1, -1]])
+def test_slots_that_do_not_target_the_module_add_nothing(slot_ids, length):
+    layer = _layer_with_adapters(ranks=(2, 4, 3, 4), max_rank=8)
+    for slot in range(4):
+        layer.set_slot(slot, None, None, 0.0)  # adapters whose targets skip this module
+    x = torch.randn(len(slot_ids), length, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    torch.testing.assert_close(layer(x, routing), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("slot_ids", [[0, 3, -1, 1, 2], [0, 2, -1, 4]])
+def test_decode_gather_path_over_scattered_slots_matches_reference(slot_ids):
+    layer = _layer_with_adapters(ranks=(2, 4, 3, 4, 1), max_rank=8)
+    x = torch.randn(len(slot_ids), 1, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)

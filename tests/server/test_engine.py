@@ -25,7 +25,12 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter_dirs(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine_adapters")
-    return {name: save_random_adapter(root / name, model_dir, seed=seed) for seed, name in enumerate(["a", "b", "c"], 1)}
+    adapters = {name: save_random_adapter(root / name, model_dir, seed=seed) for seed, name in enumerate(["a", "b"], 1)}
+    # "c" and "d" target q/v only at another rank, as PEFT's defaults do: every other module of a
+    # batch holding only them has nothing to add.
+    for seed, name in ((3, "c"), (4, "d")):
+        adapters[name] = save_random_adapter(root / name, model_dir, seed=seed, rank=2, targets=["q_proj", "v_proj"])
+    return adapters
 
 
 def _engine(model_dir, **overrides) -> Engine:
@@ -70,6 +75,23 @@ def test_mixed_batch_matches_single_adapter_runs(model_dir, adapter_dirs):
         assert result.prompt_tokens == length
     # the adapters really change the output, so the comparison above is not vacuous
     assert reference_completion(model_dir, None, _prompt(1, 19), params) != results[1].token_ids
+
+
+def test_adapters_targeting_only_some_modules_share_a_decode_batch(model_dir, adapter_dirs):
+    engine = _engine(model_dir)
+    for name in ("c", "d"):
+        engine.register_adapter(name, adapter_dirs[name])
+    engine.start()
+    plan = [("c", 6), ("d", 7), ("c", 5), ("d", 4)]  # two rows on each adapter, decoding together
+    params = SamplingParams(max_tokens=8)
+    try:
+        handles = [engine.submit(GenerationRequest(_prompt(i, n), params, adapter=a)) for i, (a, n) in enumerate(plan)]
+        results = [handle.result(timeout=60) for handle in handles]
+    finally:
+        engine.shutdown()
+    for index, ((adapter, length), result) in enumerate(zip(plan, results)):
+        assert result.finish_reason != "error", result.error
+        assert result.token_ids == reference_completion(model_dir, adapter_dirs[adapter], _prompt(index, length), params)
 
 
 def test_streamed_deltas_add_up_to_the_result(model_dir, adapter_dirs):
