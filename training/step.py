@@ -79,7 +79,9 @@ def train_step(
         task_grads = adapters.shared_task_grads()  # (T, D)
         matrix = cosine_matrix(task_grads)
         cosines, conflicts = matrix.tolist(), conflict_rate(matrix, present)
-        combined = surgery(task_grads[present])
+        # All T rows, not just the present tasks': a task without rows has a zero gradient, which
+        # both methods skip, and GradVac's pairwise targets stay indexed by task id.
+        combined = surgery(task_grads)
         adapters.set_shared_grad(combined)
 
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -97,3 +97,11 @@ def test_surgery_state_round_trips():
     again = Surgery("gradvac", num_tasks=3, seed=99)
     again.load_state_dict(state)
     torch.testing.assert_close(surgery(grads), again(grads))
+
+
+def test_gradvac_targets_stay_indexed_by_task_when_a_task_is_absent():
+    gradvac = GradVac(num_tasks=3, beta=0.5)
+    grads = torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 1.0]])  # task 1 has no rows this step
+    gradvac(grads, torch.Generator().manual_seed(0))
+    assert gradvac.targets[0, 2] != 0 and gradvac.targets[2, 0] != 0
+    assert gradvac.targets[0, 1] == 0 and gradvac.targets[1, 2] == 0 and gradvac.targets[2, 1] == 0
