@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from router.slot_manager import SlotManager
 from server.compute_threads import keep_thread_serial
 
 log = logging.getLogger(__name__)
+
+
+TIMINGS_KEPT = 1024  # load/write timings kept for the latency quantiles in stats
 
 
 class AdapterUnavailableError(RuntimeError):
@@ -75,8 +79,11 @@ class AdapterTiers:
         self._holds: Counter[str] = Counter()  # key -> requests (queued or running) holding it
         self._retired: set[str] = set()
         self._pinned_names: set[str] = set()
-        self.disk_load_seconds: list[float] = []
-        self.slot_write_seconds: list[float] = []
+        # The latest timings (for quantiles) and running totals: bounded, however long the server runs.
+        self.disk_load_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        self.slot_write_seconds: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        self.disk_loads = 0
+        self.slot_writes = 0
 
     # ---- registration (any thread) ---------------------------------------------------------
 
@@ -90,7 +97,8 @@ class AdapterTiers:
             served_model_name=self._served_model_name,
         )
 
-    def register(self, name: str, path: str | Path) -> AdapterInfo:
+    def register(self, name: str, path: str | Path, publish_lock: AbstractContextManager = nullcontext()) -> AdapterInfo:
+        """Parse and validate (slow, no lock), then publish the new version under `publish_lock`."""
         if not name or "@" in name:
             raise ValueError(f"adapter name {name!r} is invalid: use a non-empty name without '@'")
         started = time.monotonic()
@@ -109,9 +117,11 @@ class AdapterTiers:
         self.cpu.put(info.key, weights)
         with self._lock:
             self.disk_load_seconds.append(seconds)
-        replaced = self.registry.publish(info)
-        if replaced is not None:
-            self.retire(replaced.key)
+            self.disk_loads += 1
+        with publish_lock:
+            replaced = self.registry.publish(info)
+            if replaced is not None:
+                self.retire(replaced.key)
         log.info("adapter %s registered from %s (rank %d, %d modules)", info.key, info.path, info.rank, len(info.target_modules))
         return info
 
@@ -215,6 +225,7 @@ class AdapterTiers:
         write_to_slot(self._layers, placement.slot, weights)
         with self._lock:
             self.slot_write_seconds.append(time.monotonic() - started)
+            self.slot_writes += 1
         if placement.evicted:
             log.debug("adapter %s evicted from slot %d for %s", placement.evicted, placement.slot, key)
 
@@ -233,11 +244,13 @@ class AdapterTiers:
         except Exception as err:  # the file changed or vanished since registration
             log.error("adapter %s could not be read back from %s: %s", info.key, info.path, err)
             with self._lock:
-                self._failed[info.key] = f"adapter {info.key} could not be read from {info.path}: {err}"
+                # Clients see no server paths or exception text; the log above has them.
+                self._failed[info.key] = f"adapter {info.key} could not be read back from disk; load it again"
         else:
             self.cpu.put(info.key, weights)
             with self._lock:
                 self.disk_load_seconds.append(time.monotonic() - started)
+                self.disk_loads += 1
         finally:
             with self._lock:
                 self._loading.pop(info.key, None)

@@ -151,6 +151,11 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The worker is running and accepting requests (readiness)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
+
     def shutdown(self) -> None:
         with self._lock:
             self._stopping = True
@@ -168,12 +173,14 @@ class Engine:
         """Validate the adapter fully, then make it `name`'s current version (a new version if
         the name exists: requests already submitted finish on the version they got)."""
         with serial_torch():  # see compute_threads: only the worker runs parallel math
-            return self.tiers.register(name, path)
+            # Publishing under the engine's lock pairs with submit's lookup-and-hold: no request
+            # can pick up the old version after the worker has already let it go.
+            return self.tiers.register(name, path, publish_lock=self._lock)
 
     def unregister_adapter(self, name: str) -> None:
         with self._lock:  # with submit's lookup-and-hold, so no request slips between
             if self.tiers.unregister(name) is None:
-                raise UnknownAdapterError(name, [info.name for info in self.tiers.registry.infos()])
+                raise UnknownAdapterError(name)
 
     def adapter_infos(self) -> list[AdapterInfo]:
         return self.tiers.registry.infos()
@@ -181,7 +188,7 @@ class Engine:
     def pin_adapter(self, name: str, pinned: bool = True) -> None:
         """Keep `name`'s current version resident (loaded into a slot as soon as one is free)."""
         if self.tiers.registry.current(name) is None:
-            raise UnknownAdapterError(name, [info.name for info in self.tiers.registry.infos()])
+            raise UnknownAdapterError(name)
         self.tiers.set_pinned(name, pinned)
 
     # ---- requests --------------------------------------------------------------------------
@@ -203,7 +210,7 @@ class Engine:
             if request.adapter is not None:
                 adapter = self.tiers.registry.current(request.adapter)
                 if adapter is None:
-                    raise UnknownAdapterError(request.adapter, [info.name for info in self.tiers.registry.infos()])
+                    raise UnknownAdapterError(request.adapter)
             if len(self._queue) >= self.config.max_queued:
                 raise QueueFullError(self.config.max_queued)
             handle = RequestHandle(request, adapter, self._cancel)
@@ -230,10 +237,10 @@ class Engine:
                 cpu_cache_bytes=tiers.cpu.nbytes,
                 resident_bytes=tiers.slots.resident_bytes,
                 kv_cache_bytes=self._pool.nbytes,
-                disk_loads=len(loads),
+                disk_loads=tiers.disk_loads,
                 disk_load_seconds_p50=_quantile(loads, 0.5),
                 disk_load_seconds_p95=_quantile(loads, 0.95),
-                slot_writes=len(writes),
+                slot_writes=tiers.slot_writes,
                 slot_write_seconds_p50=_quantile(writes, 0.5),
                 slot_write_seconds_p95=_quantile(writes, 0.95),
                 prompt_tokens=self._counters.prompt_tokens,
@@ -255,19 +262,24 @@ class Engine:
 
     def _run(self) -> None:
         claim_compute(self.config.compute_threads)
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    self._wakeup.wait_for(lambda: self._stopping or self._dirty or bool(self._rows))
+                    if self._stopping:
+                        break
+                    self._dirty = False
+                try:
+                    self._step()
+                except Exception:  # a bug must not kill the server: fail the rows in flight
+                    log.exception("engine step failed")
+                    for row in list(self._rows):
+                        self._runner.finish(row, "error", error="internal error; the server log has the details")
+        finally:
+            # Even if the loop itself dies, nothing waits forever: submit refuses from now on.
             with self._lock:
-                self._wakeup.wait_for(lambda: self._stopping or self._dirty or bool(self._rows))
-                if self._stopping:
-                    break
-                self._dirty = False
-            try:
-                self._step()
-            except Exception as err:  # a bug must not kill the server: fail the rows in flight
-                log.exception("engine step failed")
-                for row in list(self._rows):
-                    self._runner.finish(row, "error", error=f"internal error: {err}")
-        self._finish_everything("the engine shut down")
+                self._stopped = True
+            self._finish_everything("the engine shut down")
 
     def _step(self) -> None:
         self.tiers.collect()

@@ -39,10 +39,10 @@ class InvalidRequestError(EngineError, ValueError):
 class UnknownAdapterError(EngineError, LookupError):
     """No adapter is registered under the name."""
 
-    def __init__(self, name: str, known: list[str]) -> None:
-        listing = ", ".join(sorted(known)) if known else "none"
+    def __init__(self, name: str) -> None:
+        # No listing of the registered names: a tenant must not learn other tenants' adapters.
         super().__init__(
-            f"no adapter named {name!r} is registered (registered: {listing}); "
+            f"no adapter named {name!r} is registered; "
             "load it first (POST /v1/load_lora_adapter) or use the base model"
         )
         self.name = name

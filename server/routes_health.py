@@ -7,7 +7,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.engine import Engine
 
 router = APIRouter()
 
@@ -20,7 +19,7 @@ async def health() -> dict:
 @router.get("/ready", response_model=None)
 async def ready(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "server", None)
-    if state is None or not _worker_alive(state.engine):
+    if state is None or not state.engine.alive:
         return JSONResponse({"status": "not ready", "reason": "the engine's worker is not running"}, status_code=503)
     return JSONResponse({"status": "ready", "model": state.base_name})
 
@@ -28,9 +27,3 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-
-def _worker_alive(engine: Engine) -> bool:
-    # The engine exposes no liveness property; its worker thread is the ground truth.
-    thread = engine._thread
-    return thread is not None and thread.is_alive() and not engine._stopped
