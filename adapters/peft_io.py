@@ -88,16 +88,16 @@ def read_adapter(path: str | Path) -> AdapterWeights:
                 f"{file}: module {module!r} has lora_A of rank {lora_A.shape[0]} but lora_B of rank "
                 f"{lora_B.shape[1]}; the two halves come from different adapters"
             )
+        if not config.targets(module):
+            # PEFT ignores weights its config does not place; doing the same keeps logits equal.
+            log.warning("%s: module %r is not among the config's target_modules; its weights are ignored", file, module)
+            continue
         expected_rank = config.rank_for(module)
         if lora_A.shape[0] != expected_rank:
             raise ShapeMismatchError(
                 f"{file}: module {module!r} has rank {lora_A.shape[0]} but the config gives it rank "
                 f"{expected_rank} (r / rank_pattern); fix adapter_config.json to match the weights"
             )
-        if not config.targets(module):
-            # PEFT ignores weights its config does not place; doing the same keeps logits equal.
-            log.warning("%s: module %r is not among the config's target_modules; its weights are ignored", file, module)
-            continue
         tensors[module] = (lora_A, lora_B)
     if not tensors:
         raise AdapterConfigError(f"{file} holds no LoRA weights for the modules its config targets; save the adapter again")

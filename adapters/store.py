@@ -49,7 +49,8 @@ class AdapterStore:
         pointer = self.root / _checked(name, "adapter name") / LATEST_FILE
         if pointer.is_file():
             version = pointer.read_text().strip()
-            if (pointer.parent / version).is_dir():
+            # Only a plain version name counts: a hand-edited "../x" must not lead out of the store.
+            if version in self.versions(name):
                 return version
         versions = self.versions(name)
         return versions[-1] if versions else None

@@ -14,6 +14,7 @@ config file holds the same settings under the flags' names, plus inline `api_key
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from router.task_table import TaskRoute, check_name, parse_task_spec, route_from
 from server.app import ServerSettings, create_app
 from server.auth import ApiKeys
 from server.engine import EngineConfig
+
+log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
@@ -66,6 +69,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.api_keys is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "serving on %s without --api-keys: anyone who can reach it may load and unload adapters "
+            "and edit tasks; pass --api-keys FILE", settings.host,
+        )
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0

@@ -19,7 +19,7 @@ class RunLog:
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
             staging = path.with_name(path.name + ".tmp")
             staging.write_text("".join(line + "\n" for line in kept))
             os.replace(staging, path)
@@ -81,3 +81,11 @@ def write_plots(log_path: Path, folder: Path, task_names: list[str]) -> list[Pat
         axis.set_ylabel("shared-adapter conflict rate")
         save(figure, "conflicts.png")
     return written
+
+
+def _step_of(line: str) -> float:
+    """A log line's step; a line a crash cut short counts as past any resume point (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")

@@ -133,3 +133,12 @@ def test_clean_keeps_temp_folders_of_live_writers(tmp_path):
     live = store.root / f".tmp-{os.getpid()}-abcd1234"
     live.mkdir()
     assert store.clean() == [] and live.is_dir()
+
+
+def test_a_latest_pointer_leading_out_of_the_store_is_ignored(tmp_path, weights):
+    store = AdapterStore(tmp_path / "store")
+    store.put("sql", weights)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "store" / "sql" / "LATEST").write_text("../../outside")
+    assert store.latest("sql") == "v1"
+    assert store.path("sql") == tmp_path / "store" / "sql" / "v1"

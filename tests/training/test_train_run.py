@@ -125,3 +125,12 @@ def test_bad_config_is_a_one_line_error_naming_the_key(toy_model_dir, tmp_path, 
     config["tasks"][0]["adapter"]["rank"] = 4
     assert main(["train", str(write_config(tmp_path / "c.json", config))]) == 2
     assert "unknown key 'tasks[0].adapter.rank'" in capsys.readouterr().err
+
+
+def test_resumed_log_drops_a_line_cut_short_by_a_crash(tmp_path):
+    from training.report import RunLog
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 0.')  # the crash cut step 3
+    RunLog(path, resume_step=2)
+    assert read_log(path) == [{"step": 1}, {"step": 2}]
