@@ -74,7 +74,13 @@ def pack_by_length(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
 
 
 class BatchPlanner:
-    """Yields, per optimiser step, the list of micro-batches ((task, example index) rows)."""
+    """Yields, per optimiser step, the list of micro-batches ((task, example index) rows).
+
+    A step draws examples from the task sampler until one more would need more than
+    `accumulation` micro-batches, then groups that step's rows by length. Drawing per step keeps
+    every step's task mix the sampled one (grouping a large pool by length instead would sort the
+    tasks apart whenever their lengths differ, leaving surgery single-task steps), while rows of
+    similar length still share a micro-batch."""
 
     def __init__(
         self,
@@ -82,38 +88,29 @@ class BatchPlanner:
         lengths: Sequence[Sequence[int]],  # lengths[task][example]
         batch_tokens: int,
         accumulation: int,
-        pool_size: int,
-        seed: int,
     ) -> None:
         self.sampler = sampler
         self.lengths = lengths
         self.batch_tokens = batch_tokens
         self.accumulation = accumulation
-        self.pool_size = pool_size
-        self.generator = torch.Generator().manual_seed(seed + 1)  # the order of packed batches
-        self.pending: list[list[tuple[int, int]]] = []
+        self.carry: list[tuple[int, int]] = []  # drawn for a step it did not fit; opens the next
 
-    def _refill(self) -> None:
-        pool = [self.sampler.draw() for _ in range(self.pool_size)]
-        groups = pack_by_length([self.lengths[t][i] for t, i in pool], self.batch_tokens)
-        # Shuffle the groups so a step does not always get the shortest (or longest) examples.
-        for g in torch.randperm(len(groups), generator=self.generator).tolist():
-            self.pending.append([pool[i] for i in groups[g]])
+    def _groups(self, rows: list[tuple[int, int]]) -> list[list[int]]:
+        return pack_by_length([self.lengths[task][index] for task, index in rows], self.batch_tokens)
 
     def next_step(self) -> list[list[tuple[int, int]]]:
-        while len(self.pending) < self.accumulation:
-            self._refill()
-        step, self.pending = self.pending[: self.accumulation], self.pending[self.accumulation :]
-        return step
+        rows, self.carry = self.carry, []
+        while True:
+            drawn = self.sampler.draw()
+            if rows and len(self._groups([*rows, drawn])) > self.accumulation:
+                self.carry = [drawn]
+                break
+            rows.append(drawn)
+        return [[rows[i] for i in group] for group in self._groups(rows)]
 
     def state_dict(self) -> dict:
-        return {
-            "sampler": self.sampler.state_dict(),
-            "generator": self.generator.get_state(),
-            "pending": [list(map(list, batch)) for batch in self.pending],
-        }
+        return {"sampler": self.sampler.state_dict(), "carry": [list(row) for row in self.carry]}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.generator.set_state(state["generator"])
-        self.pending = [[(int(t), int(i)) for t, i in batch] for batch in state["pending"]]
+        self.carry = [(int(t), int(i)) for t, i in state["carry"]]

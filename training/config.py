@@ -71,7 +71,6 @@ class SamplingSettings:
 class BatchingSettings:
     batch_tokens: int = doc("token budget per micro-batch (rows x longest row)", default=4096)
     accumulation: int = doc("micro-batches per optimiser step", default=1)
-    pool_size: int = doc("examples drawn at once and grouped by length", default=256)
 
 
 @dataclass
@@ -137,7 +136,6 @@ class TrainConfig:
         _positive("schedule.max_steps", self.schedule.max_steps)
         _positive("batching.batch_tokens", self.batching.batch_tokens)
         _positive("batching.accumulation", self.batching.accumulation)
-        _positive("batching.pool_size", self.batching.pool_size)
         _positive("data.max_length", self.data.max_length)
         if self.optimizer.lr <= 0:
             raise ConfigError(f"optimizer.lr must be > 0, got {self.optimizer.lr}; e.g. 2e-4")

@@ -111,7 +111,7 @@ class MultiTaskTrainer:
         sampler = TaskSampler(sizes, self.mix, seed=config.seed)
         lengths = [[len(e) for e in self.train_data[self.task_names[i]].examples] for i in self.trainable_tasks]
         b = config.batching
-        self.planner = BatchPlanner(sampler, lengths, b.batch_tokens, b.accumulation, b.pool_size, seed=config.seed)
+        self.planner = BatchPlanner(sampler, lengths, b.batch_tokens, b.accumulation)
         self.eval_batches = self._eval_batches()
 
     def _eval_batches(self) -> dict[str, list[MicroBatch]]:

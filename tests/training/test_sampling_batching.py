@@ -43,7 +43,7 @@ def test_planner_state_round_trip_continues_identically():
     lengths = [[3 + i % 7 for i in range(30)], [10 + i % 5 for i in range(12)]]
 
     def planner():
-        return BatchPlanner(TaskSampler([30, 12], [0.5, 0.5], seed=1), lengths, batch_tokens=40, accumulation=2, pool_size=8, seed=1)
+        return BatchPlanner(TaskSampler([30, 12], [0.5, 0.5], seed=1), lengths, batch_tokens=40, accumulation=2)
 
     first = planner()
     for _ in range(3):
@@ -53,3 +53,16 @@ def test_planner_state_round_trip_continues_identically():
     second = planner()
     second.load_state_dict(state)
     assert [second.next_step() for _ in range(4)] == expected
+
+
+def test_steps_carry_the_sampled_mix_even_when_task_lengths_differ():
+    lengths = [[4 + i % 3 for i in range(40)], [30 + i % 5 for i in range(40)]]  # short vs long task
+    planner = BatchPlanner(TaskSampler([40, 40], [0.5, 0.5], seed=3), lengths, batch_tokens=128, accumulation=2)
+    steps = [planner.next_step() for _ in range(30)]
+    mixed = sum(1 for step in steps if len({task for batch in step for task, _ in batch}) == 2)
+    assert mixed >= 27  # a length-sorted pool would put nearly every step on one task
+    for step in steps:
+        assert 1 <= len(step) <= 2
+        for batch in step:
+            longest = max(lengths[task][index] for task, index in batch)
+            assert len(batch) * longest <= 128 or len(batch) == 1

@@ -62,7 +62,7 @@ def toy_config(root: Path, model_dir: Path, output: str, shared: bool = True, ma
             {"name": "copy", "train": str(data / "copy_train.jsonl"), "format": "prompt_completion", "adapter": {**adapter, "r": 2}},
             {"name": "chat", "train": str(data / "chat_train.jsonl"), "eval": str(data / "chat_eval.jsonl"), "format": "chat", "adapter": adapter},
         ],
-        "batching": {"batch_tokens": 96, "accumulation": 2, "pool_size": 16},
+        "batching": {"batch_tokens": 96, "accumulation": 2},
         "optimizer": {"lr": 0.01, "weight_decay": 0.01, "layer_decay": 0.8},
         "schedule": {"kind": "cosine", "warmup_steps": 2, "max_steps": max_steps, "min_lr_ratio": 0.1},
         "sampling": {"strategy": "temperature", "temperature": 2.0},
