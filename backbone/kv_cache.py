@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from backbone.config import ModelConfig
+
 
 class KVCache:
     def __init__(
@@ -29,7 +31,14 @@ class KVCache:
         self.max_len = max_len
 
     @classmethod
-    def for_model(cls, config, max_rows: int, max_len: int, dtype: torch.dtype = torch.float32, device="cpu") -> "KVCache":
+    def for_model(
+        cls,
+        config: ModelConfig,
+        max_rows: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> "KVCache":
         return cls(config.num_hidden_layers, max_rows, max_len, config.num_key_value_heads, config.head_dim, dtype, device)
 
     def update(

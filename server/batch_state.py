@@ -70,10 +70,6 @@ class CachePool:
         # decode reads the cache as one slice instead of gathering rows (BatchRunner._decode).
         self._free = list(range(rows))
 
-    @property
-    def free_rows(self) -> int:
-        return len(self._free)
-
     def take(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV-cache row: admit at most max_running requests")

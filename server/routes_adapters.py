@@ -27,7 +27,7 @@ async def list_models(state: StateDep, grant: GrantDep) -> ModelList:
                 ModelCard(
                     id=info.name,
                     created=int(info.created),
-                    root=info.path,
+                    root=info.path if grant.admin else info.name,  # server paths are for admins only
                     parent=state.base_name,
                     version=info.version,
                     warnings=list(info.warnings),

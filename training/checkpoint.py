@@ -26,8 +26,15 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], ke
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.pt"
     staging = folder / f".{path.name}.tmp-{os.getpid()}"
-    torch.save(state, staging)
-    os.replace(staging, path)
+    try:
+        with staging.open("wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
