@@ -13,14 +13,11 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from backbone.config import ModelConfig
 
 from adapters.config import LoraConfig
 from adapters.errors import (
@@ -37,6 +34,8 @@ from adapters.errors import (
 )
 from adapters.module_shapes import linear_shapes
 from adapters.weights import AdapterWeights
+from backbone.atomic_folder import replace_folder, staging_folder
+from backbone.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +151,10 @@ def save_adapter(path: str | Path, weights: AdapterWeights) -> Path:
     """Write `weights` as a PEFT folder at `path`, atomically: readers see the old folder or
     the new one, never a half-written one."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = staging_folder(target)
     try:
         write_adapter_files(staging, weights)
-        if target.exists():
-            retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, retired)
-            os.rename(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, target)
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

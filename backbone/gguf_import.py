@@ -15,7 +15,6 @@ tokenizer the way transformers' GGUF loader does.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from backbone.atomic_folder import replace_folder
 from backbone.errors import ModelLoadError, UnsupportedArchitectureError
 
 # llama.cpp names -> Hugging Face names; `{i}` is the block index.
@@ -105,7 +105,7 @@ def import_gguf(gguf_path: str | Path, output_folder: str | Path, *, progress: b
         staging.chmod(0o755)
         for path in staging.iterdir():
             path.chmod(0o644)
-        _replace_folder(staging, output_folder)
+        replace_folder(staging, output_folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -237,17 +237,6 @@ def _shortest_float32(value: Any) -> float:
     """GGUF stores floats as float32; 1e-5 reads back as 9.999999747378752e-06. numpy prints the
     shortest decimal that round-trips through float32, which is the number the model was made with."""
     return float(str(np.float32(value)))
-
-
-def _replace_folder(staging: Path, destination: Path) -> None:
-    """Rename `staging` to `destination`; an existing destination is moved aside first and removed after."""
-    if destination.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
-        os.replace(destination, retired / destination.name)
-        os.replace(staging, destination)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, destination)
 
 
 def build_tokenizer_files(metadata: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

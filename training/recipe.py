@@ -17,6 +17,7 @@ import torch
 
 from adapters.config import LoraConfig
 from adapters.peft_io import load_adapter
+from backbone.atomic_folder import replace_folder, staging_folder
 from backbone.model_source import load_pretrained, served_model_name
 from training.batching import BatchPlanner, MicroBatch, collate, pack_by_length
 from training.checkpoint import load_checkpoint, save_checkpoint
@@ -256,14 +257,13 @@ class MultiTaskTrainer:
         """Every trained adapter as PEFT; frozen adapters are never rewritten (their files stay as they were)."""
         trained = {p.name: self.adapters.weights(p.name) for p in self.adapters.plans[: self.adapters.num_tasks] if not p.frozen}
         shared = self.adapters.weights("shared") if self.adapters.shared_slot is not None else None
-        staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        export_adapters(staging, trained, shared, self.base_name, write_shared=self.adapters.trains_shared)
-        retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, retired)
-        os.replace(staging, folder)
-        shutil.rmtree(retired, ignore_errors=True)
+        staging = staging_folder(folder)
+        try:
+            export_adapters(staging, trained, shared, self.base_name, write_shared=self.adapters.trains_shared)
+            replace_folder(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _progress(total: int, done: int, enabled: bool):
