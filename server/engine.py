@@ -297,38 +297,41 @@ class Engine:
         with self._lock:
             waiting = list(self._queue)
         admitted: set[int] = set()
-        for pending in waiting:
-            handle = pending.handle
-            if handle.cancelled:
-                admitted.add(id(pending))
-                self._end_unadmitted(pending, "cancelled", None)
-                continue
-            if len(self._rows) >= self.config.max_running:
-                break
-            try:
-                slot = -1 if pending.adapter is None else self.tiers.slot_for(pending.adapter)
-            except AdapterUnavailableError as err:
-                admitted.add(id(pending))
-                self._end_unadmitted(pending, "error", str(err))
-                continue
-            if slot is None:
-                continue  # waits for its own adapter; others go ahead
-            admitted.add(id(pending))
-            params = pending.request.params
-            row = Row(
-                request=pending.request,
-                handle=handle,
-                adapter=pending.adapter,
-                slot=slot,
-                cache_row=self._pool.take(),
-                stream=TextStream(self.tokenizer, params.stop),
-                generator=params.make_generator(),
-            )
-            with self._lock:  # stats() reads the rows from other threads
-                self._rows.append(row)
-        if admitted:
-            with self._lock:
-                self._queue = deque(p for p in self._queue if id(p) not in admitted)
+        try:
+            for pending in waiting:
+                handle = pending.handle
+                if handle.cancelled:
+                    admitted.add(id(pending))
+                    self._end_unadmitted(pending, "cancelled", None)
+                    continue
+                if len(self._rows) >= self.config.max_running:
+                    break
+                try:
+                    slot = -1 if pending.adapter is None else self.tiers.slot_for(pending.adapter)
+                except AdapterUnavailableError as err:
+                    admitted.add(id(pending))
+                    self._end_unadmitted(pending, "error", str(err))
+                    continue
+                if slot is None:
+                    continue  # waits for its own adapter; others go ahead
+                params = pending.request.params
+                row = Row(
+                    request=pending.request,
+                    handle=handle,
+                    adapter=pending.adapter,
+                    slot=slot,
+                    cache_row=self._pool.take(),
+                    stream=TextStream(self.tokenizer, params.stop),
+                    generator=params.make_generator(),
+                )
+                with self._lock:  # stats() reads the rows from other threads
+                    self._rows.append(row)
+                admitted.add(id(pending))  # only once it has its row: else it stays queued
+        finally:
+            # Whatever happens mid-way, what was admitted or ended leaves the queue exactly once.
+            if admitted:
+                with self._lock:
+                    self._queue = deque(p for p in self._queue if id(p) not in admitted)
 
     def _row_finished(self, row: Row, finished: Finished) -> None:
         """Called by the runner as a row ends: free its cache row and slot at once."""
