@@ -19,6 +19,7 @@ from pathlib import Path
 from adapters.errors import AdapterNotFoundError, StoreError, VersionExistsError
 from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter_files
 from adapters.weights import AdapterWeights
+from backbone.atomic_folder import fsync_dir
 
 LATEST_FILE = "LATEST"
 TEMP_PREFIX = ".tmp-"
@@ -90,7 +91,7 @@ class AdapterStore:
                 write_adapter_files(staging, adapter)
             else:
                 _copy_adapter_folder(Path(adapter), staging)
-            _fsync_dir(staging)
+            fsync_dir(staging)
             try:
                 os.rename(staging, folder / version)
             except OSError as err:
@@ -102,7 +103,7 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(folder)
+        fsync_dir(folder)
         self._set_latest(name, version)
         return version
 
@@ -166,11 +167,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

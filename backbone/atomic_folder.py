@@ -33,12 +33,13 @@ def replace_folder(staging: Path, target: Path) -> None:
         if retired is not None:
             os.rename(retired, target)
         raise
-    _fsync_dir(target.parent)  # the rename itself survives a power cut
+    fsync_dir(target.parent)  # the rename itself survives a power cut
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (creations, renames) durable."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

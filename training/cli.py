@@ -1,10 +1,12 @@
-"""`loraplex train CONFIG [--resume [CKPT]] [--dry-run]`."""
+"""`loraplex train CONFIG [--resume [CKPT]] [--dry-run]` and `loraplex compare --a DIR --b DIR --eval FILE`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from training.config import config_reference, load_config
+from training.data import DATA_FORMATS
 
 CONFIG_HELP = """\
 A YAML or JSON file. Minimal example (see examples/train_*.yaml):
@@ -40,6 +42,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="validate the config and the data, print the plan, do not train")
     parser.set_defaults(run=run_train)
+    _add_compare_command(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -59,4 +62,81 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     summary = MultiTaskTrainer(config).train(resume=args.resume)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+COMPARE_HELP = """\
+Each eval example is scored under A, under B and under the base model in one mixed batch (one
+model, the two adapters in two slots); the loss is the mean over the answer tokens, as in training.
+
+Writes <out>/report.json (per-arm mean loss with bootstrap 95% CI, token-level loss and perplexity,
+the paired difference B - A with its CI, B's win rate, per-example losses) and <out>/comparison.png.
+A difference below 0 with a CI that excludes 0 means B has the lower loss on this eval set.
+
+example:
+  loraplex compare --model default --a runs/v1/last/geography --b runs/v2/last/geography \\
+      --eval tasks/geography/eval.jsonl --out runs/compare-v1-v2
+"""
+
+
+def _add_compare_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="offline A/B comparison of two adapters on an eval set",
+        description="Compare two LoRA adapters (e.g. two versions of one task's adapter) by answer-token loss "
+        "on an eval set, against each other and the base model.",
+        epilog=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="default", help="base model: `default`, a model folder or a .gguf file")
+    parser.add_argument("--a", required=True, metavar="DIR", help="adapter A (PEFT folder), the reference arm")
+    parser.add_argument("--b", required=True, metavar="DIR", help="adapter B (PEFT folder), the candidate arm")
+    parser.add_argument("--eval", required=True, metavar="FILE", help="eval set, JSONL in one of the training formats")
+    parser.add_argument(
+        "--format", choices=DATA_FORMATS, default=None,
+        help="record format of --eval (default: detected from the first record's fields)",
+    )
+    parser.add_argument("--out", default="ab_compare", metavar="DIR", help="folder for report.json and comparison.png (default: %(default)s)")
+    parser.add_argument("--max-examples", type=int, default=None, metavar="N", help="use the first N examples only")
+    parser.add_argument("--max-length", type=int, default=1024, metavar="T", help="truncate examples to T tokens (default: %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=2048, metavar="T", help="padded tokens per forward call (default: %(default)s)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
+    parser.add_argument(
+        "--generate", action="store_true",
+        help="also generate greedy answers and report exact match with the reference (slower)",
+    )
+    parser.set_defaults(run=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from adapters.errors import AdapterNotFoundError
+    from backbone.model_source import load_pretrained, served_model_name
+    from training.ab_compare import compare_adapters, detect_format, write_outputs
+    from training.data import load_task_file
+
+    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
+                        ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    eval_path = Path(args.eval)
+    data_format = args.format or detect_format(eval_path)
+    for arm, folder in (("A", args.a), ("B", args.b)):  # before the model loads: fail fast
+        if not Path(folder).is_dir():
+            raise AdapterNotFoundError(f"adapter {arm} folder {folder} does not exist; pass a PEFT adapter folder")
+    model, tokenizer = load_pretrained(args.model)
+    data = load_task_file(eval_path, data_format, tokenizer, args.max_length)
+    examples = data.examples[: args.max_examples]
+    report = compare_adapters(
+        model, tokenizer, Path(args.a), Path(args.b), examples,
+        batch_tokens=args.batch_tokens, resamples=args.resamples, seed=args.seed, exact_match=args.generate,
+        strict_base=args.strict_base, served_model_name=served_model_name(args.model),
+    )
+    paths = write_outputs(report, Path(args.out))
+    print(json.dumps({**report.summary(), "format": data_format, "data": data.report()}, indent=2))
+    for path in paths:
+        print(f"wrote {path}")
     return 0
