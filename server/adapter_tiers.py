@@ -30,6 +30,7 @@ from router.adapter_registry import AdapterInfo, AdapterRegistry, adapter_path
 from router.cpu_cache import CpuAdapterCache
 from router.slot_manager import SlotManager
 from server.compute_threads import keep_thread_serial
+from server.engine_errors import AdapterSupersededError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class AdapterTiers:
             replaced = self.registry.publish(info)
             if replaced is not None:
                 self.retire(replaced.key)
+            if replaced is info:  # a newer registration of the name won while this one loaded
+                current = self.registry.current(name)
+                raise AdapterSupersededError(name, info.version, current.version if current else info.version)
         log.info("adapter %s registered from %s (rank %d, %d modules)", info.key, info.path, info.rank, len(info.target_modules))
         return info
 

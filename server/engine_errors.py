@@ -48,6 +48,16 @@ class UnknownAdapterError(EngineError, LookupError):
         self.name = name
 
 
+class AdapterSupersededError(EngineError):
+    """A registration finished after a newer one of the same name, so it never became current."""
+
+    def __init__(self, name: str, version: int, current: int) -> None:
+        super().__init__(
+            f"adapter {name!r} version {version} was superseded by version {current}, registered while it "
+            f"loaded; version {current} serves requests. Load it again if it should replace that one"
+        )
+
+
 class EngineStoppedError(EngineError):
     """The engine has shut down and takes no more requests."""
 

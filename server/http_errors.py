@@ -20,6 +20,7 @@ from router.request_router import AccessDeniedError, RoutingConflictError, Unkno
 from router.task_table import TaskTableError, UnknownTaskError
 from server.auth import AdminRequiredError, AuthenticationError
 from server.engine_errors import (
+    AdapterSupersededError,
     EngineError,
     EngineStoppedError,
     PromptTooLongError,
@@ -88,6 +89,7 @@ STATUS_TABLE: list[tuple[type[BaseException], int, str]] = [
     (QueueFullError, 429, "rate_limit_error"),
     (PromptTooLongError, 400, "invalid_request_error"),
     (EngineStoppedError, 503, "service_unavailable"),
+    (AdapterSupersededError, 409, "conflict_error"),
     (EngineError, 500, "internal_error"),
     (ValueError, 400, "invalid_request_error"),  # e.g. SamplingParams refusing a value
 ]

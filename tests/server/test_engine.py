@@ -307,3 +307,29 @@ def test_pinned_adapter_stays_resident(model_dir, adapter_dirs):
         assert [(r.name, r.slot) for r in engine.stats().resident] == [("a", 0), ("b", 1)]
     finally:
         engine.shutdown()
+
+
+def test_concurrent_registrations_of_a_name_the_one_finishing_last_is_current(model_dir, adapter_dirs):
+    # Versions are numbered when validation ends, so the registration that finishes last gets
+    # the higher version and is current; each caller is told the version it really got.
+    engine = _engine(model_dir)
+    parse, entered, release = engine.tiers.parse, threading.Event(), threading.Event()
+
+    def slow_parse(path):
+        if path == adapter_dirs["a"]:  # the first registration stalls while reading
+            entered.set()
+            release.wait(30)
+        return parse(path)
+
+    engine.tiers.parse = slow_parse
+    outcome = {}
+    first = threading.Thread(target=lambda: outcome.update(info=engine.register_adapter("x", adapter_dirs["a"])))
+    first.start()
+    assert entered.wait(30)
+    quick = engine.register_adapter("x", adapter_dirs["b"])
+    release.set()
+    first.join(30)
+    engine.shutdown()
+    slow = outcome["info"]
+    assert (quick.version, slow.version) == (1, 2) and slow.path.endswith("/a")
+    assert [(info.name, info.version) for info in engine.adapter_infos()] == [("x", 2)]
