@@ -157,6 +157,12 @@ class AdapterTiers:
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         with self._lock:
+            if pinned and name not in self._pinned_names and len(self._pinned_names) + 1 >= self.slots.num_slots:
+                # Every slot pinned would leave other adapters' requests waiting forever.
+                raise ValueError(
+                    f"pinning {name!r} would leave no unpinned slot of {self.slots.num_slots}; "
+                    "unpin another adapter or raise max_loras"
+                )
             (self._pinned_names.add if pinned else self._pinned_names.discard)(name)
         self._wake()
 

@@ -305,6 +305,8 @@ def test_pinned_adapter_stays_resident(model_dir, adapter_dirs):
         for name in "bcb":  # b and c share the one unpinned slot
             engine.submit(GenerationRequest(_prompt(1, 3), SamplingParams(max_tokens=2), adapter=name)).result(timeout=30)
         assert [(r.name, r.slot) for r in engine.stats().resident] == [("a", 0), ("b", 1)]
+        with pytest.raises(ValueError, match="no unpinned slot"):
+            engine.pin_adapter("b")  # both slots pinned would starve c
     finally:
         engine.shutdown()
 
