@@ -29,7 +29,7 @@ from backbone.generate import generate
 from backbone.model import CausalLM
 from backbone.sampling import SamplingParams
 from training.batching import IGNORE_INDEX, collate, pack_by_length
-from training.data import DATA_FORMATS, DataError, Example
+from training.data import DATA_FORMATS, DataError, Example, jsonl_records
 
 ARMS = ("a", "b", "base")
 ARM_SLOTS = {"a": 0, "b": 1, "base": -1}  # -1 = no adapter: the base model alone
@@ -240,25 +240,18 @@ def detect_format(path: Path) -> str:
     """The data format of a JSONL file, from the fields of its first record."""
     if not path.is_file():
         raise DataError(f"eval file {path} does not exist; pass a JSONL file")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from None
-            keys = set(record) if isinstance(record, dict) else set()
-            if "messages" in keys:
-                return "chat"
-            if "instruction" in keys:
-                return "instruction"
-            if {"prompt", "completion"} <= keys:
-                return "prompt_completion"
-            raise DataError(
-                f"{path}:{number}: cannot tell the format from fields {sorted(keys)}; pass --format "
-                f"({', '.join(DATA_FORMATS)})"
-            )
+    for number, record in jsonl_records(path):
+        keys = set(record) if isinstance(record, dict) else set()
+        if "messages" in keys:
+            return "chat"
+        if "instruction" in keys:
+            return "instruction"
+        if {"prompt", "completion"} <= keys:
+            return "prompt_completion"
+        raise DataError(
+            f"{path}:{number}: cannot tell the format from fields {sorted(keys)}; pass --format "
+            f"({', '.join(DATA_FORMATS)})"
+        )
     raise DataError(f"eval file {path} holds no records")
 
 

@@ -14,7 +14,7 @@ on token boundaries.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -180,6 +180,18 @@ def fit_length(example: Example, max_length: int, policy: str) -> Example | None
     return Example(example.input_ids[:max_length], example.loss_mask[:max_length])
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line; bad JSON names the file and line."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+
+
 def load_task_file(
     path: str | Path,
     data_format: str,
@@ -201,18 +213,12 @@ def load_task_file(
     append_eos = data_format == "prompt_completion" or not has_chat_template(tokenizer)
     data = TaskData()
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                record_spans(record, data_format, tokenizer)  # validate now, while the line is known
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from None
-            except (DataError, ValueError) as err:
-                raise DataError(f"{path}:{number}: {err}") from None
-            records.append(record)
+    for number, record in jsonl_records(path):
+        try:
+            record_spans(record, data_format, tokenizer)  # validate now, while the line is known
+        except (DataError, ValueError) as err:
+            raise DataError(f"{path}:{number}: {err}") from None
+        records.append(record)
     data.lines = len(records)
     if prep is not None:
         records, data.prep = prepare_records(records, prep)
