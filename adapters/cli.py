@@ -34,6 +34,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base")
     merge.set_defaults(run=run_merge)
 
+    publish = commands.add_parser(
+        "publish",
+        help="validate an adapter and publish it as a new version in a shared store",
+        description=(
+            "Validate a PEFT adapter against the base model, copy it into the store as a new immutable version "
+            "(atomically) and point the name's LATEST at it. Replicas serving with --adapter-store DIR --sync "
+            "pick it up within their poll interval; requests already running finish on the old version."
+        ),
+    )
+    publish.add_argument("--store", required=True, metavar="DIR", help="adapter store folder (created if absent)")
+    publish.add_argument("name", help="adapter name (letters, digits, '_', '-', '.')")
+    publish.add_argument("path", help="PEFT adapter folder")
+    publish.add_argument("--version", default=None, help="version name (default: the next vN)")
+    publish.add_argument("--model", default="default", help="base model to validate against: `default` or a model folder")
+    publish.add_argument("--max-rank", type=int, default=None, help="refuse ranks above this (the replicas' --max-lora-rank)")
+    publish.set_defaults(run=run_publish)
+
     listing = commands.add_parser("list", help="list the adapters and versions of a store")
     listing.add_argument("--root", required=True, help="adapter store folder")
     listing.set_defaults(run=run_list)
@@ -65,6 +82,17 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     out = export_merged(args.model, args.adapter, args.out, strict_base=args.strict_base)
     print(f"merged {args.adapter} into {args.model}: {out}")
+    return 0
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    folder = resolve_model_folder(args.model)
+    # The same validation a replica runs, before anything reaches the store: a version every
+    # replica would refuse must never become LATEST.
+    load_adapter(args.path, ModelConfig.from_folder(folder), max_rank=args.max_rank, served_model_name=served_model_name(args.model))
+    store = AdapterStore(args.store)
+    version = store.put(args.name, args.path, version=args.version)
+    print(f"published {args.name}@{version} to {store.root}")
     return 0
 
 

@@ -217,6 +217,11 @@ class AdapterTiers:
                 self._place(info.key, weights)
                 self.slots.pin(info.key)
 
+    @property
+    def pinned_names(self) -> set[str]:
+        with self._lock:
+            return set(self._pinned_names)
+
     def resident(self) -> list[ResidentAdapter]:
         """worker: the slot table."""
         return [

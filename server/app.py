@@ -21,6 +21,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.store import AdapterStore
 from backbone.model_source import load_pretrained, served_model_name
 from backbone.tokenizer import Tokenizer
 from router.path_guard import PathGuard
@@ -28,9 +29,11 @@ from router.request_router import RequestRouter
 from router.task_table import TaskRoute, TaskTable
 from server.auth import OPEN_GRANT, ApiKeys, Grant
 from server.compute_threads import serial_torch
+from server.drain import DrainMiddleware, DrainState
 from server.engine import Engine, EngineConfig
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
+from server.store_sync import StoreSync
 
 access_log = logging.getLogger("loraplex.access")
 log = logging.getLogger("loraplex.server")
@@ -51,6 +54,11 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
     host: str = "127.0.0.1"
     port: int = 8000
+    pinned: list[str] = field(default_factory=list)  # adapters kept resident; /ready waits for them
+    adapter_store: str | None = None  # a shared versioned store; `store:NAME@VERSION` paths read from it
+    sync_store: bool = False  # serve every adapter of the store and follow its LATEST pointers
+    store_poll_seconds: float = 2.0
+    drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
 
 
 @dataclass
@@ -66,25 +74,34 @@ class ServerState:
     router: RequestRouter
     guard: PathGuard
     metrics: ServerMetrics
+    drain: DrainState
+    store: AdapterStore | None = None
+    store_sync: StoreSync | None = None
     started: float = field(default_factory=time.time)
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
+def create_app(settings: ServerSettings, drain: DrainState | None = None) -> FastAPI:
+    """`drain` is shared with the process's signal handling (server/drain.py); tests may pass their own."""
     holder: dict[str, Engine] = {}
     metrics = ServerMetrics(stats_source=lambda: holder["engine"].stats() if "engine" in holder else None)
+    drain = drain or DrainState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(settings, metrics)
+        state = build_state(settings, metrics, drain)
         holder["engine"] = state.engine
         app.state.server = state
         log.info(
             "serving %s (context %d) with %d adapter(s), %d task(s)",
             state.base_name, state.max_context, len(state.engine.adapter_infos()), len(state.tasks.snapshot()),
         )
+        if state.store_sync is not None:
+            state.store_sync.start()
         try:
             yield
         finally:
+            if state.store_sync is not None:
+                state.store_sync.stop()
             holder.pop("engine", None)
             state.engine.shutdown()
 
@@ -101,6 +118,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.include_router(router)
     # Added last = outermost: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 
@@ -128,7 +146,7 @@ GrantDep = Annotated[Grant, Depends(get_grant)]
 AdminDep = Annotated[Grant, Depends(get_admin)]
 
 
-def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState:
+def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainState) -> ServerState:
     """Load the model, start the engine, register the configured adapters and tasks. Any bad
     adapter or task here stops startup: a server should not come up half-configured."""
     with serial_torch():  # the engine's worker is the one thread for parallel math
@@ -136,11 +154,21 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState
         base_name = settings.served_model_name or served_model_name(settings.model)
         engine = Engine(model, tokenizer, settings.engine, base_name)
     engine.start()
+    store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
+    sync = None
     try:
         for name, path in settings.adapters.items():
             info = engine.register_adapter(name, Path(path))
             for warning in info.warnings:
                 log.warning("adapter %s: %s", info.key, warning)
+        if store is not None and settings.sync_store:
+            # The first pass runs before the server answers, so a replica is ready only once it
+            # serves what the store holds; a broken version is logged and skipped, not fatal.
+            sync = StoreSync(store, engine.register_adapter, engine.unregister_adapter, settings.store_poll_seconds)
+            report = sync.sync_once()
+            log.info("adapter store %s: serving %d adapter(s), %d refused", store.root, len(report.registered), len(report.failed))
+        for name in settings.pinned:
+            engine.pin_adapter(name)
         tasks = TaskTable()
         registered = {info.name for info in engine.adapter_infos()}
         for task, route in settings.tasks.items():
@@ -165,6 +193,9 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState
         router=router,
         guard=PathGuard(settings.adapter_roots),
         metrics=metrics,
+        drain=drain,
+        store=store,
+        store_sync=sync,
     )
 
 

@@ -191,6 +191,17 @@ class Engine:
             raise UnknownAdapterError(name)
         self.tiers.set_pinned(name, pinned)
 
+    def pinned_not_resident(self) -> list[str]:
+        """Pinned adapters whose current version is not in a slot yet: readiness waits for them."""
+        with self._lock:
+            resident = {(entry.name, entry.version) for entry in self._resident}
+        missing = []
+        for name in sorted(self.tiers.pinned_names):
+            info = self.tiers.registry.current(name)
+            if info is not None and (info.name, info.version) not in resident:
+                missing.append(name)
+        return missing
+
     # ---- requests --------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:

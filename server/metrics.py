@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Buckets sized for CPU serving of small models: tens of ms per token, seconds per request.
@@ -123,6 +123,9 @@ class EngineStatsCollector(Collector):
         yield _gauge("loraplex_resident_adapters", "Adapters in LoRA slots", len(stats.resident))
         yield _gauge("loraplex_max_loras", "LoRA slots", stats.max_loras)
         yield _gauge("loraplex_cpu_adapters", "Parsed adapters kept in CPU memory", stats.cpu_cache_entries)
+        # Slot loads count the misses of the resident tier: what gateway affinity is meant to save.
+        yield CounterMetricFamily("loraplex_adapter_slot_loads", "Adapter copies from CPU into a LoRA slot", value=stats.slot_writes)
+        yield CounterMetricFamily("loraplex_adapter_disk_loads", "Adapter reads from disk", value=stats.disk_loads)
         for quantile, value in (("p50", stats.disk_load_seconds_p50), ("p95", stats.disk_load_seconds_p95)):
             if value is not None:
                 yield _gauge(

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from router.task_table import check_name
 from server.app import AdminDep, GrantDep, StateDep
+from server.store_sync import STORE_PREFIX, resolve_store_reference
 from server.schemas import AdapterLoaded, LoadLoraAdapterRequest, ModelCard, ModelList, UnloadLoraAdapterRequest
 
 router = APIRouter()
@@ -39,7 +40,10 @@ async def list_models(state: StateDep, grant: GrantDep) -> ModelList:
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraAdapterRequest, state: StateDep, admin: AdminDep) -> AdapterLoaded:
     name = check_name(body.lora_name, "adapter")
-    path = await run_in_threadpool(state.guard.resolve, body.lora_path)
+    if isinstance(body.lora_path, str) and body.lora_path.startswith(STORE_PREFIX):
+        path = await run_in_threadpool(resolve_store_reference, body.lora_path, state.store)
+    else:
+        path = await run_in_threadpool(state.guard.resolve, body.lora_path)
     started = time.monotonic()
     try:
         info = await run_in_threadpool(state.engine.register_adapter, name, path)

@@ -21,6 +21,12 @@ async def ready(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "server", None)
     if state is None or not state.engine.alive:
         return JSONResponse({"status": "not ready", "reason": "the engine's worker is not running"}, status_code=503)
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", "reason": "shutting down; running requests finish"}, status_code=503)
+    waiting = state.engine.pinned_not_resident()
+    if waiting:
+        reason = f"pinned adapter(s) not yet resident: {', '.join(waiting)}"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ready", "model": state.base_name})
 
 

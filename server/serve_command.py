@@ -7,6 +7,8 @@ config file holds the same settings under the flags' names, plus inline `api_key
     adapters: {summarize-v1: /srv/adapters/summarize/v1}
     tasks: {summarize: summarize-v1, qa: {arms: {qa-a: 0.5, qa-b: 0.5}}}
     adapter_roots: [/srv/adapters]
+    adapter_store: /shared/adapters   # with sync: true, serve every adapter of the store
+    pinned: [summarize-v1]
     max_loras: 8
     api_keys: keys.yaml          # a file, or the mapping itself
 """
@@ -25,14 +27,18 @@ import uvicorn
 from router.task_table import TaskRoute, check_name, parse_task_spec, route_from_json
 from server.app import ServerSettings, create_app
 from server.auth import ApiKeys
+from server.drain import DrainingServer, DrainState
 from server.engine import EngineConfig
 
 log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
-SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes")
-KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
+SERVER_KEYS = (
+    "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes",
+    "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
+)
+KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned"}
 
 
 class ServeConfigError(ValueError):
@@ -64,6 +70,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="folder HTTP clients may load adapters from (repeatable); none = HTTP loading off")
     serve.add_argument("--strict-base", action="store_true", default=None,
                        help="refuse adapters that record another base model")
+    serve.add_argument("--pin", action="append", default=[], metavar="NAME",
+                       help="keep this adapter resident in a slot; /ready waits until it is (repeatable)")
+    replicas = serve.add_argument_group("replicas (deploy/ has nginx and Kubernetes examples)")
+    replicas.add_argument("--adapter-store", metavar="DIR",
+                          help="a shared adapter store (`loraplex adapter publish`); load_lora_adapter then "
+                          "accepts lora_path `store:NAME` or `store:NAME@VERSION`")
+    replicas.add_argument("--sync", dest="sync_store", action="store_true", default=None,
+                          help="serve every adapter of --adapter-store under its name and follow its LATEST "
+                          "pointers, so a publish reaches every replica")
+    replicas.add_argument("--store-poll-seconds", type=float, help="how often --sync reads the store (default 2)")
+    replicas.add_argument("--drain-timeout", type=float,
+                          help="after SIGTERM: seconds running requests get to finish while /ready says "
+                          "draining and new requests get 503 (default 30)")
     serve.set_defaults(run=run_serve)
 
 
@@ -74,8 +93,13 @@ def run_serve(args: argparse.Namespace) -> int:
             "serving on %s without --api-keys: anyone who can reach it may load and unload adapters "
             "and edit tasks; pass --api-keys FILE", settings.host,
         )
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    drain = DrainState()
+    app = create_app(settings, drain)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=settings.drain_timeout,
+    )
+    DrainingServer(config, drain).run()
     return 0
 
 
@@ -87,6 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
         "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base,
+        "adapter_store": args.adapter_store, "sync_store": args.sync_store,
+        "store_poll_seconds": args.store_poll_seconds, "drain_timeout": args.drain_timeout,
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
 
@@ -117,8 +143,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
     server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
+    if "adapter_store" in server_fields:
+        server_fields["adapter_store"] = str(_relative_to(base_dir, server_fields["adapter_store"]))
+    if server_fields.get("sync_store") and "adapter_store" not in server_fields:
+        raise ServeConfigError("--sync follows an adapter store: give it with --adapter-store DIR")
+    pinned = list(config.get("pinned") or []) + list(args.pin)
     return ServerSettings(
-        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields
+        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, pinned=pinned,
+        **server_fields,
     )
 
 

@@ -19,6 +19,7 @@ from tokenizers import decoders, models, processors
 from backbone.tokenizer import Tokenizer
 from engine_fixtures import save_random_adapter
 from server.app import ServerSettings, ServerState, create_app
+from server.drain import DrainState
 from tiny_models import TINY_LLAMA, save_tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -68,8 +69,8 @@ def make_adapters(model_dir: Path, root: Path, names_and_seeds: dict[str, int]) 
 
 
 class LiveServer:
-    def __init__(self, settings: ServerSettings) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: ServerSettings, drain: DrainState | None = None) -> None:
+        self.app = create_app(settings, drain)
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
