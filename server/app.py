@@ -51,6 +51,8 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
     host: str = "127.0.0.1"
     port: int = 8000
+    dashboard: bool = True  # GET /dashboard and the JSON it polls
+    runs_dir: str | None = None  # training runs (folders with log.jsonl) the dashboard lists
 
 
 @dataclass
@@ -99,6 +101,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     for router in (completions_router, adapters_router, tasks_router, health_router):
         app.include_router(router)
+    if settings.dashboard:
+        from server.routes_dashboard import install_dashboard
+
+        install_dashboard(app, metrics)
     # Added last = outermost: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

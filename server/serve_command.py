@@ -31,8 +31,8 @@ log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
-SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes")
-KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
+SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard")
+KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "runs_dir"}
 
 
 class ServeConfigError(ValueError):
@@ -64,6 +64,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="folder HTTP clients may load adapters from (repeatable); none = HTTP loading off")
     serve.add_argument("--strict-base", action="store_true", default=None,
                        help="refuse adapters that record another base model")
+    serve.add_argument("--no-dashboard", dest="dashboard", action="store_false", default=None,
+                       help="do not serve the web dashboard at /dashboard")
+    serve.add_argument("--runs-dir", type=Path, help="folder of training runs (each with log.jsonl) the dashboard lists")
     serve.set_defaults(run=run_serve)
 
 
@@ -86,7 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "model": args.model, "served_model_name": args.served_model_name, "host": args.host, "port": args.port,
         "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
         "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
-        "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base,
+        "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base, "dashboard": args.dashboard,
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
 
@@ -111,6 +114,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     elif config.get("api_keys") is not None:
         api_keys = ApiKeys.from_mapping(config["api_keys"], source=f"{args.config}: api_keys")
 
+    runs_dir = args.runs_dir or (_relative_to(base_dir, config["runs_dir"]) if config.get("runs_dir") else None)
+    if runs_dir is not None and not Path(runs_dir).is_dir():
+        raise ServeConfigError(f"--runs-dir {runs_dir} is not a folder; point it at the folder holding your training runs")
     roots = [str(_relative_to(base_dir, root)) for root in config.get("adapter_roots") or []] + list(args.adapter_root)
     try:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
@@ -118,7 +124,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
     server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
     return ServerSettings(
-        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields
+        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine,
+        runs_dir=str(runs_dir) if runs_dir is not None else None, **server_fields
     )
 
 

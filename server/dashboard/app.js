@@ -1,0 +1,414 @@
+// The loraplex dashboard: polls /dashboard/api/state (and /dashboard/api/runs for admins) with
+// the API key as a Bearer header, and renders everything with textContent / DOM nodes: names
+// come from operators and tenants, so none of them is ever parsed as HTML.
+"use strict";
+
+const KEY_STORAGE = "loraplex-dashboard-key"; // sessionStorage: this tab only, gone when it closes
+const POLL_MS = 2000;
+const RUNS_POLL_MS = 10000;
+const PAGE_SIZE = 25;
+const CURVE_COLOURS = ["#2e90fa", "#f04438", "#12b76a", "#f79009", "#7a5af8", "#ee46bc"];
+
+const view = { state: null, page: 0, filter: "", pendingConfirm: null, pollTimer: null, runsTimer: null };
+
+function $(id) { return document.getElementById(id); }
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  const key = apiKey();
+  if (key) headers.Authorization = "Bearer " + key;
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method: options.method || "GET",
+    headers,
+    body: options.body === undefined ? undefined : JSON.stringify(options.body),
+    cache: "no-store",
+    credentials: "omit",
+  });
+  let body = null;
+  try { body = await response.json(); } catch (err) { body = null; }
+  if (!response.ok) {
+    const message = body && body.error && body.error.message ? body.error.message : "HTTP " + response.status;
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function setStatus(text, isError) {
+  const status = $("status");
+  status.textContent = text || "";
+  status.className = isError ? "error" : "";
+}
+
+// ---- formatting ---------------------------------------------------------------------------
+
+function formatBytes(n) {
+  if (n === null || n === undefined) return "unknown";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let unit = 0;
+  while (n >= 1024 && unit < units.length - 1) { n /= 1024; unit += 1; }
+  return (unit === 0 ? n : n.toFixed(1)) + " " + units[unit];
+}
+
+function formatAgo(unixSeconds) {
+  if (!unixSeconds) return "never";
+  const seconds = Math.max(0, Date.now() / 1000 - unixSeconds);
+  if (seconds < 90) return Math.round(seconds) + " s ago";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min ago";
+  return Math.round(seconds / 3600) + " h ago";
+}
+
+function formatSeconds(value) {
+  if (value === null || value === undefined) return "–";
+  return value < 1 ? (value * 1000).toFixed(0) + " ms" : value.toFixed(2) + " s";
+}
+
+function formatRate(value) { return value === null || value === undefined ? "–" : value.toFixed(2); }
+
+function formatCount(value) { return String(Math.round(value)); }
+
+// ---- charts (SVG built node by node) ------------------------------------------------------
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function polyline(values, xs, width, height, yMax, colour) {
+  const line = document.createElementNS(SVG_NS, "polyline");
+  const xMin = xs[0], xSpan = (xs[xs.length - 1] - xs[0]) || 1;
+  const points = [];
+  values.forEach((value, i) => {
+    if (value === null || value === undefined) return;
+    const x = ((xs[i] - xMin) / xSpan) * (width - 2) + 1;
+    const y = height - 1 - (value / (yMax || 1)) * (height - 2);
+    points.push(x.toFixed(1) + "," + y.toFixed(1));
+  });
+  line.setAttribute("points", points.join(" "));
+  if (colour) line.setAttribute("stroke", colour);
+  return line;
+}
+
+function sparkline(values, xs) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("viewBox", "0 0 120 24");
+  const yMax = Math.max(0, ...values.filter((v) => v !== null));
+  if (values.length > 1) svg.appendChild(polyline(values, xs, 120, 24, yMax));
+  return svg;
+}
+
+// ---- panels --------------------------------------------------------------------------------
+
+function renderSummary(state) {
+  const s = state.server;
+  $("base-model").textContent = "base: " + s.base_model;
+  $("viewer").textContent = "viewing as " + state.viewer.tenant + (state.viewer.admin ? " (admin)" : "");
+  $("sum-queued").textContent = s.queued;
+  $("sum-running").textContent = s.running + " / " + s.max_running;
+  $("sum-slots").textContent = s.slots_used + " / " + s.max_loras;
+  $("sum-rejected").textContent = formatCount(s.rejected_429);
+  document.body.classList.toggle("admin", state.viewer.admin);
+  $("load-form").hidden = !s.can_load;
+  $("load-roots").textContent = s.adapter_roots.length ? "roots: " + s.adapter_roots.join(", ") : "";
+}
+
+function filteredAdapters(state) {
+  const filter = view.filter.toLowerCase();
+  return state.adapters.filter((a) => a.name.toLowerCase().includes(filter));
+}
+
+function actionButton(label, adapter, verb, path) {
+  const button = el("button", label);
+  button.type = "button";
+  button.dataset.action = verb;
+  button.addEventListener("click", () =>
+    confirmThen(verb + " adapter " + JSON.stringify(adapter.name) + "?", () =>
+      runAction(path, { lora_name: adapter.name }, verb + " " + adapter.name)));
+  return button;
+}
+
+function renderAdapters(state) {
+  const rows = filteredAdapters(state);
+  const pages = Math.max(1, Math.ceil(rows.length / PAGE_SIZE));
+  view.page = Math.min(view.page, pages - 1);
+  const first = view.page * PAGE_SIZE;
+  const shown = rows.slice(first, first + PAGE_SIZE);
+  const body = $("adapters-table").tBodies[0];
+  body.replaceChildren();
+  for (const a of shown) {
+    const tr = document.createElement("tr");
+    tr.dataset.name = a.name;
+    tr.appendChild(el("td", a.name, "name"));
+    const version = "v" + a.version + (a.draining_versions.length ? " (draining v" + a.draining_versions.join(", v") + ")" : "");
+    tr.appendChild(el("td", version, "version"));
+    const tierCell = el("td");
+    const tierText = a.tier === "slot" ? "slot " + a.slot : a.tier;
+    tierCell.appendChild(el("span", tierText, "tier tier-" + a.tier));
+    tierCell.className = "tier-cell";
+    tr.appendChild(tierCell);
+    tr.appendChild(el("td", a.pinned ? "pinned" : "", "pinned"));
+    const bytes = el("td", formatBytes(a.bytes), "num");
+    bytes.title = a.bytes_measured === "memory" ? "parsed weights in memory" : "weights file on disk";
+    tr.appendChild(bytes);
+    tr.appendChild(el("td", a.rank, "num"));
+    tr.appendChild(el("td", a.target_modules.join(", ")));
+    const base = el("td", a.base_model || "–");
+    if (a.warnings.length) {
+      base.appendChild(el("span", " ⚠", "warning"));
+      base.title = a.warnings.join("\n");
+    }
+    tr.appendChild(base);
+    tr.appendChild(el("td", formatAgo(a.last_used), "last-used"));
+    const actions = el("td", null, "admin-only actions");
+    if (state.viewer.admin) {
+      actions.appendChild(actionButton(a.pinned ? "Unpin" : "Pin", a, a.pinned ? "unpin" : "pin",
+        a.pinned ? "/v1/unpin_lora_adapter" : "/v1/pin_lora_adapter"));
+      actions.appendChild(actionButton("Unload", a, "unload", "/v1/unload_lora_adapter"));
+    }
+    tr.appendChild(actions);
+    body.appendChild(tr);
+  }
+  const last = Math.min(first + PAGE_SIZE, rows.length);
+  $("adapters-page").textContent = rows.length ? (first + 1) + "–" + last + " of " + rows.length : "no adapters";
+  $("page-prev").disabled = view.page === 0;
+  $("page-next").disabled = view.page >= pages - 1;
+}
+
+const TRAFFIC_COLUMNS = ["Name", "Requests", "Tokens", "req/s", "tok/s", "TTFT p50", "TTFT p95",
+  "Latency p50", "Latency p95", "429s", "req/s chart"];
+
+function renderTraffic(table, rows) {
+  if (!table.tHead.rows.length) {
+    const head = document.createElement("tr");
+    TRAFFIC_COLUMNS.forEach((title) => head.appendChild(el("th", title)));
+    table.tHead.appendChild(head);
+  }
+  const body = table.tBodies[0];
+  body.replaceChildren();
+  if (!rows.length) {
+    const tr = document.createElement("tr");
+    const td = el("td", "no traffic yet", "muted");
+    td.colSpan = TRAFFIC_COLUMNS.length;
+    tr.appendChild(td);
+    body.appendChild(tr);
+    return;
+  }
+  for (const row of rows) {
+    const w = row.window || {};
+    const tr = document.createElement("tr");
+    tr.dataset.name = row.name;
+    tr.appendChild(el("td", row.name, "name"));
+    tr.appendChild(el("td", formatCount(row.requests), "num requests"));
+    tr.appendChild(el("td", formatCount(row.generation_tokens), "num tokens"));
+    tr.appendChild(el("td", formatRate(w.requests_per_s), "num"));
+    tr.appendChild(el("td", formatRate(w.tokens_per_s), "num"));
+    tr.appendChild(el("td", formatSeconds(w.ttft_p50), "num"));
+    tr.appendChild(el("td", formatSeconds(w.ttft_p95), "num"));
+    tr.appendChild(el("td", formatSeconds(w.e2e_p50), "num"));
+    tr.appendChild(el("td", formatSeconds(w.e2e_p95), "num"));
+    tr.appendChild(el("td", formatCount(row.rejected_429), "num rejected"));
+    const chart = el("td");
+    chart.appendChild(sparkline(row.series.requests_per_s, row.series.wall));
+    tr.appendChild(chart);
+    body.appendChild(tr);
+  }
+}
+
+function renderTasks(state) {
+  $("traffic-window").textContent = Math.round(state.traffic.window_s / 60) + " minutes";
+  const body = $("tasks-table").tBodies[0];
+  body.replaceChildren();
+  for (const task of state.tasks) {
+    const tr = document.createElement("tr");
+    tr.dataset.name = task.task;
+    tr.appendChild(el("td", task.task, "name"));
+    const arms = task.arms ? Object.entries(task.arms).map(([name, share]) => name + ": " + share) : [task.adapter];
+    tr.appendChild(el("td", arms.join(", ")));
+    body.appendChild(tr);
+  }
+}
+
+function renderRuns(payload) {
+  const list = $("runs-list");
+  list.replaceChildren();
+  if (!payload.runs_dir) {
+    $("runs-note").textContent = "No runs folder: start the server with --runs-dir DIR to list training runs.";
+    return;
+  }
+  $("runs-note").textContent = payload.runs.length + " run(s) in " + payload.runs_dir;
+  for (const run of payload.runs) {
+    const box = el("div", null, "run");
+    box.dataset.name = run.name;
+    const info = el("div");
+    info.appendChild(el("h3", run.name));
+    info.appendChild(el("p", "step " + run.steps + (run.finished ? ", finished" : ", in progress") +
+      " · updated " + formatAgo(run.updated), "muted"));
+    const last = run.eval[run.eval.length - 1];
+    if (last) {
+      const table = el("table", null, "eval");
+      const head = document.createElement("tr");
+      ["Task", "eval loss", "perplexity"].forEach((t) => head.appendChild(el("th", t)));
+      table.appendChild(head);
+      for (const [task, figures] of Object.entries(last.tasks)) {
+        const tr = document.createElement("tr");
+        tr.appendChild(el("td", task));
+        tr.appendChild(el("td", figures.loss === null ? "–" : figures.loss.toFixed(4), "num"));
+        tr.appendChild(el("td", figures.perplexity === null ? "–" : figures.perplexity.toFixed(2), "num"));
+        table.appendChild(tr);
+      }
+      info.appendChild(el("p", "last eval at step " + last.step, "muted"));
+      info.appendChild(table);
+    }
+    box.appendChild(info);
+    box.appendChild(lossCurve(run));
+    list.appendChild(box);
+  }
+}
+
+function lossCurve(run) {
+  const figure = el("div");
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("class", "curve");
+  svg.setAttribute("viewBox", "0 0 480 160");
+  const steps = run.train.map((p) => p.step);
+  const series = [{ label: "loss", values: run.train.map((p) => p.loss) }];
+  run.tasks.forEach((task, i) => series.push({ label: task, values: run.train.map((p) => p.task_loss[i] ?? null) }));
+  const yMax = Math.max(0, ...series.flatMap((s) => s.values.filter((v) => v !== null)));
+  const legend = el("div", null, "legend");
+  if (steps.length > 1) {
+    series.forEach((s, i) => {
+      const colour = CURVE_COLOURS[i % CURVE_COLOURS.length];
+      svg.appendChild(polyline(s.values, steps, 480, 160, yMax, colour));
+      const key = el("span", "— " + s.label);
+      key.style.color = colour;
+      legend.appendChild(key);
+    });
+  }
+  figure.appendChild(svg);
+  figure.appendChild(legend);
+  figure.appendChild(el("div", "train loss by step (max " + yMax.toFixed(3) + ")", "muted"));
+  return figure;
+}
+
+// ---- actions -------------------------------------------------------------------------------
+
+function confirmThen(question, action) {
+  $("confirm-text").textContent = question;
+  view.pendingConfirm = action;
+  $("confirm").hidden = false;
+  $("confirm-yes").focus();
+}
+
+function closeConfirm(accepted) {
+  const action = view.pendingConfirm;
+  view.pendingConfirm = null;
+  $("confirm").hidden = true;
+  if (accepted && action) action();
+}
+
+async function runAction(path, body, description) {
+  try {
+    const result = await api(path, { method: "POST", body });
+    setStatus(result && result.message ? result.message : description + ": done", false);
+  } catch (err) {
+    setStatus(description + " failed: " + err.message, true);
+  }
+  await refresh();
+}
+
+// ---- polling -------------------------------------------------------------------------------
+
+async function refresh() {
+  try {
+    const state = await api("/dashboard/api/state");
+    view.state = state;
+    $("content").hidden = false;
+    renderSummary(state);
+    renderAdapters(state);
+    renderTraffic($("traffic-adapters"), state.traffic.adapters);
+    renderTraffic($("traffic-tasks"), state.traffic.tasks);
+    renderTasks(state);
+    document.body.dataset.loaded = String(Date.now());
+  } catch (err) {
+    if (err.status === 401) {
+      $("content").hidden = true;
+      setStatus((apiKey() ? "That key was refused: " : "This server needs an API key: ") + err.message, true);
+      $("key-input").focus();
+    } else {
+      setStatus("Could not reach the server: " + err.message, true);
+    }
+  }
+}
+
+async function refreshRuns() {
+  if (!view.state || !view.state.viewer.admin) {
+    $("runs-note").textContent = "Training runs are shown to admin keys.";
+    $("runs-list").replaceChildren();
+    return;
+  }
+  try {
+    renderRuns(await api("/dashboard/api/runs"));
+  } catch (err) {
+    $("runs-note").textContent = "Could not read training runs: " + err.message;
+  }
+}
+
+async function start() {
+  clearInterval(view.pollTimer);
+  clearInterval(view.runsTimer);
+  setStatus("", false);
+  try {
+    const config = await api("/dashboard/api/config");
+    if (config.api_keys && !apiKey()) {
+      $("content").hidden = true;
+      setStatus("This server needs an API key: enter yours above.", false);
+      $("key-input").focus();
+      return;
+    }
+  } catch (err) {
+    setStatus("Could not reach the server: " + err.message, true);
+    return;
+  }
+  refresh().then(refreshRuns);
+  view.pollTimer = setInterval(refresh, POLL_MS);
+  view.runsTimer = setInterval(refreshRuns, RUNS_POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, $("key-input").value.trim());
+    $("key-input").value = "";
+    start();
+  });
+  $("key-forget").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY_STORAGE);
+    start();
+  });
+  $("adapter-filter").addEventListener("input", (event) => {
+    view.filter = event.target.value;
+    view.page = 0;
+    if (view.state) renderAdapters(view.state);
+  });
+  $("page-prev").addEventListener("click", () => { view.page -= 1; renderAdapters(view.state); });
+  $("page-next").addEventListener("click", () => { view.page += 1; renderAdapters(view.state); });
+  $("load-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const name = $("load-name").value.trim();
+    const path = $("load-path").value.trim();
+    confirmThen("load adapter " + JSON.stringify(name) + " from " + JSON.stringify(path) + "?", () =>
+      runAction("/v1/load_lora_adapter", { lora_name: name, lora_path: path }, "load " + name));
+  });
+  $("confirm-yes").addEventListener("click", () => closeConfirm(true));
+  $("confirm-no").addEventListener("click", () => closeConfirm(false));
+  start();
+});
