@@ -13,7 +13,7 @@ from typing import Any
 
 from server.app import ServerState
 from server.auth import Grant
-from server.traffic_history import Snapshot, TrafficHistory, series, window
+from server.traffic_history import Snapshot, TrafficHistory, load_series, series, window
 
 
 def dashboard_state(state: ServerState, grant: Grant, history: TrafficHistory) -> dict[str, Any]:
@@ -24,7 +24,10 @@ def dashboard_state(state: ServerState, grant: Grant, history: TrafficHistory) -
     visible_adapters = {adapter["name"] for adapter in adapters}
     if grant.admin:
         visible_adapters.add(state.base_name)
-    tasks = [{"task": task, **route.to_json()} for task, route in state.tasks.snapshot().items() if grant.allows_task(task)]
+    tasks = [
+        {"task": task, **route.to_json(), "assignments": now.arms.get(task, {})}
+        for task, route in state.tasks.snapshot().items() if grant.allows_task(task)
+    ]
     rejected = sum(counts.rejected for name, counts in now.adapters.items() if name in visible_adapters)
     return {
         "viewer": {"tenant": grant.tenant, "admin": grant.admin},
@@ -47,6 +50,7 @@ def dashboard_state(state: ServerState, grant: Grant, history: TrafficHistory) -
             "interval_s": history.interval_s,
             "adapters": _traffic(now, snapshots, "adapters", visible_adapters, history.window_s),
             "tasks": _traffic(now, snapshots, "tasks", {task["task"] for task in tasks}, history.window_s),
+            "load": load_series([*snapshots, now]),
         },
     }
 

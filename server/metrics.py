@@ -54,7 +54,10 @@ class ServerMetrics:
         )
         # The same request figures by task (requests routed through the task table), for the
         # dashboard's per-task traffic; direct adapter requests have no task and are not counted here.
-        self.task_requests = Counter("loraplex_task_requests", "Generation requests routed by task", ["task"], registry=r)
+        self.task_requests = Counter(
+            "loraplex_task_requests", "Generation requests routed by task, by the adapter (arm) chosen", ["task", "adapter"],
+            registry=r,
+        )
         self.task_generation_tokens = Counter(
             "loraplex_task_generation_tokens", "Tokens generated, by task", ["task"], registry=r
         )

@@ -82,7 +82,7 @@ async def _generate(
     endpoint = "chat" if chat else "completions"
     state.metrics.requests.labels(label, endpoint).inc()
     if decision.task is not None:
-        state.metrics.task_requests.labels(decision.task).inc()
+        state.metrics.task_requests.labels(decision.task, label).inc()
 
     params = SamplingParams(
         max_tokens=_capped_max_tokens(len(prompt_ids), body.requested_max_tokens, state.max_context),

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.app import AdminDep, GrantDep, StateDep
 from server.dashboard_view import dashboard_state
+from server.engine import EngineStats
 from server.http_errors import ApiError
 from server.metrics import ServerMetrics
 from server.traffic_history import TrafficHistory
@@ -31,7 +32,8 @@ from server.training_runs import list_runs
 
 log = logging.getLogger("loraplex.server")
 
-ASSETS = {"app.js": "text/javascript", "styles.css": "text/css"}  # everything the page loads
+# Everything the page loads; nothing else under the package is ever served.
+ASSETS = {"app.js": "text/javascript", "styles.css": "text/css", "favicon.svg": "image/svg+xml"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -47,7 +49,11 @@ router = APIRouter(include_in_schema=False)
 
 def install_dashboard(app: FastAPI, metrics: ServerMetrics, interval_s: float = 2.0) -> None:
     """Add the dashboard's routes and sample traffic every `interval_s` while the app runs."""
-    history = TrafficHistory(metrics, interval_s=interval_s)
+    def engine_stats() -> EngineStats | None:
+        state = getattr(app.state, "server", None)  # set once the lifespan has built the engine
+        return state.engine.stats() if state is not None else None
+
+    history = TrafficHistory(metrics, engine_stats, interval_s=interval_s)
     app.state.traffic_history = history
     app.include_router(router)
     serve_lifespan = app.router.lifespan_context

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics import MetricWrapperBase
 
+from server.engine import EngineStats
 from server.metrics import ServerMetrics
 
 Buckets = tuple[tuple[float, float], ...]  # (upper bound, cumulative count), +Inf last
@@ -30,11 +31,22 @@ class Counts:
 
 
 @dataclass
+class Load:
+    """The engine's occupancy at one instant (from `Engine.stats()`)."""
+
+    queued: int
+    running: int
+    slots_used: int
+
+
+@dataclass
 class Snapshot:
     at: float  # time.monotonic()
     wall: float  # time.time(), for the page's axis
     adapters: dict[str, Counts]
     tasks: dict[str, Counts]
+    arms: dict[str, dict[str, float]]  # task -> adapter -> requests routed there through the task
+    load: Load | None  # None before the engine has started
 
 
 @dataclass
@@ -50,8 +62,15 @@ class Window:
 
 
 class TrafficHistory:
-    def __init__(self, metrics: ServerMetrics, interval_s: float = 2.0, window_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        stats_source: Callable[[], EngineStats | None],
+        interval_s: float = 2.0,
+        window_s: float = 300.0,
+    ) -> None:
         self.metrics = metrics
+        self.stats_source = stats_source
         self.interval_s = interval_s
         self.window_s = window_s
         self._ring: deque[Snapshot] = deque(maxlen=max(2, math.ceil(window_s / interval_s) + 1))
@@ -90,15 +109,19 @@ class TrafficHistory:
             counts(adapters, name).ttft = buckets
         for name, buckets in _histogram_buckets(m.e2e, "adapter").items():
             counts(adapters, name).e2e = buckets
+        arms: dict[str, dict[str, float]] = {}
         for labels, value in _counter_values(m.task_requests):
             counts(tasks, labels["task"]).requests += value
+            arms.setdefault(labels["task"], {})[labels["adapter"]] = value
         for labels, value in _counter_values(m.task_generation_tokens):
             counts(tasks, labels["task"]).generation_tokens += value
         for name, buckets in _histogram_buckets(m.task_ttft, "task").items():
             counts(tasks, name).ttft = buckets
         for name, buckets in _histogram_buckets(m.task_e2e, "task").items():
             counts(tasks, name).e2e = buckets
-        return Snapshot(at=time.monotonic(), wall=time.time(), adapters=adapters, tasks=tasks)
+        stats = self.stats_source()
+        load = Load(stats.queued, stats.running, len(stats.resident)) if stats is not None else None
+        return Snapshot(at=time.monotonic(), wall=time.time(), adapters=adapters, tasks=tasks, arms=arms, load=load)
 
 
 def window(before: Counts | None, after: Counts, seconds: float) -> Window:
@@ -164,7 +187,9 @@ class Series:
     wall: list[float] = field(default_factory=list)
     requests_per_s: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
+    ttft_p50: list[float | None] = field(default_factory=list)
     ttft_p95: list[float | None] = field(default_factory=list)
+    e2e_p50: list[float | None] = field(default_factory=list)
     e2e_p95: list[float | None] = field(default_factory=list)
 
 
@@ -179,6 +204,19 @@ def series(snapshots: list[Snapshot], name: str, kind: str) -> Series:
         result.wall.append(after.wall)
         result.requests_per_s.append(figures.requests_per_s)
         result.tokens_per_s.append(figures.tokens_per_s)
+        result.ttft_p50.append(figures.ttft_p50)
         result.ttft_p95.append(figures.ttft_p95)
+        result.e2e_p50.append(figures.e2e_p50)
         result.e2e_p95.append(figures.e2e_p95)
     return result
+
+
+def load_series(snapshots: list[Snapshot]) -> dict[str, list[float]]:
+    """Queue depth, running rows and slots in use at each snapshot, for the summary's charts."""
+    sampled = [s for s in snapshots if s.load is not None]
+    return {
+        "wall": [s.wall for s in sampled],
+        "queued": [s.load.queued for s in sampled],
+        "running": [s.load.running for s in sampled],
+        "slots_used": [s.load.slots_used for s in sampled],
+    }

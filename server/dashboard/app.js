@@ -9,7 +9,9 @@ const RUNS_POLL_MS = 10000;
 const PAGE_SIZE = 25;
 const CURVE_COLOURS = ["#2e90fa", "#f04438", "#12b76a", "#f79009", "#7a5af8", "#ee46bc"];
 
-const view = { state: null, page: 0, filter: "", pendingConfirm: null, pollTimer: null, runsTimer: null };
+const view = {
+  state: null, page: 0, filter: "", pendingConfirm: null, pollTimer: null, runsTimer: null, adaptersSignature: null,
+};
 
 function $(id) { return document.getElementById(id); }
 
@@ -78,6 +80,8 @@ function formatRate(value) { return value === null || value === undefined ? "–
 
 function formatCount(value) { return String(Math.round(value)); }
 
+function formatShare(fraction) { return (fraction * 100).toFixed(1) + "%"; }
+
 // ---- charts (SVG built node by node) ------------------------------------------------------
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -100,9 +104,9 @@ function polyline(values, xs, width, height, yMax, colour) {
 function sparkline(values, xs) {
   const svg = document.createElementNS(SVG_NS, "svg");
   svg.setAttribute("class", "spark");
-  svg.setAttribute("viewBox", "0 0 120 24");
+  svg.setAttribute("viewBox", "0 0 96 24");
   const yMax = Math.max(0, ...values.filter((v) => v !== null));
-  if (values.length > 1) svg.appendChild(polyline(values, xs, 120, 24, yMax));
+  if (values.length > 1) svg.appendChild(polyline(values, xs, 96, 24, yMax));
   return svg;
 }
 
@@ -116,6 +120,10 @@ function renderSummary(state) {
   $("sum-running").textContent = s.running + " / " + s.max_running;
   $("sum-slots").textContent = s.slots_used + " / " + s.max_loras;
   $("sum-rejected").textContent = formatCount(s.rejected_429);
+  const load = state.traffic.load;
+  for (const [id, values] of [["chart-queued", load.queued], ["chart-running", load.running], ["chart-slots", load.slots_used]]) {
+    $(id).replaceChildren(sparkline(values, load.wall));
+  }
   document.body.classList.toggle("admin", state.viewer.admin);
   $("load-form").hidden = !s.can_load;
   $("load-roots").textContent = s.adapter_roots.length ? "roots: " + s.adapter_roots.join(", ") : "";
@@ -142,6 +150,15 @@ function renderAdapters(state) {
   view.page = Math.min(view.page, pages - 1);
   const first = view.page * PAGE_SIZE;
   const shown = rows.slice(first, first + PAGE_SIZE);
+  const last = Math.min(first + PAGE_SIZE, rows.length);
+  $("adapters-page").textContent = rows.length ? (first + 1) + "–" + last + " of " + rows.length : "no adapters";
+  $("page-prev").disabled = view.page === 0;
+  $("page-next").disabled = view.page >= pages - 1;
+  // Rebuild only when something shown changed, so a button under the pointer is not replaced
+  // at every poll ("last used" is relative, so its minute is part of what is shown).
+  const signature = JSON.stringify([state.viewer.admin, shown, Math.floor(Date.now() / 60000)]);
+  if (signature === view.adaptersSignature) return;
+  view.adaptersSignature = signature;
   const body = $("adapters-table").tBodies[0];
   body.replaceChildren();
   for (const a of shown) {
@@ -177,14 +194,10 @@ function renderAdapters(state) {
     tr.appendChild(actions);
     body.appendChild(tr);
   }
-  const last = Math.min(first + PAGE_SIZE, rows.length);
-  $("adapters-page").textContent = rows.length ? (first + 1) + "–" + last + " of " + rows.length : "no adapters";
-  $("page-prev").disabled = view.page === 0;
-  $("page-next").disabled = view.page >= pages - 1;
 }
 
 const TRAFFIC_COLUMNS = ["Name", "Requests", "Tokens", "req/s", "tok/s", "TTFT p50", "TTFT p95",
-  "Latency p50", "Latency p95", "429s", "req/s chart"];
+  "Latency p50", "Latency p95", "429s", "req/s", "tok/s", "latency p95"];
 
 function renderTraffic(table, rows) {
   if (!table.tHead.rows.length) {
@@ -216,9 +229,11 @@ function renderTraffic(table, rows) {
     tr.appendChild(el("td", formatSeconds(w.e2e_p50), "num"));
     tr.appendChild(el("td", formatSeconds(w.e2e_p95), "num"));
     tr.appendChild(el("td", formatCount(row.rejected_429), "num rejected"));
-    const chart = el("td");
-    chart.appendChild(sparkline(row.series.requests_per_s, row.series.wall));
-    tr.appendChild(chart);
+    for (const values of [row.series.requests_per_s, row.series.tokens_per_s, row.series.e2e_p95]) {
+      const chart = el("td", null, "chart");
+      chart.appendChild(sparkline(values, row.series.wall));
+      tr.appendChild(chart);
+    }
     body.appendChild(tr);
   }
 }
@@ -231,8 +246,20 @@ function renderTasks(state) {
     const tr = document.createElement("tr");
     tr.dataset.name = task.task;
     tr.appendChild(el("td", task.task, "name"));
-    const arms = task.arms ? Object.entries(task.arms).map(([name, share]) => name + ": " + share) : [task.adapter];
-    tr.appendChild(el("td", arms.join(", ")));
+    const weights = task.arms || { [task.adapter]: 1 };
+    const totalWeight = Object.values(weights).reduce((a, b) => a + b, 0);
+    const totalAssigned = Object.values(task.assignments).reduce((a, b) => a + b, 0);
+    const arms = el("td");
+    const assignments = el("td");
+    for (const [name, weight] of Object.entries(weights)) {
+      arms.appendChild(el("div", name + ": " + formatShare(weight / totalWeight)));
+      const assigned = task.assignments[name] || 0;
+      const line = el("div", formatCount(assigned) + (totalAssigned ? " (" + formatShare(assigned / totalAssigned) + ")" : ""));
+      line.dataset.arm = name;
+      assignments.appendChild(line);
+    }
+    tr.appendChild(arms);
+    tr.appendChild(assignments);
     body.appendChild(tr);
   }
 }

@@ -41,15 +41,17 @@ class DashboardEnv:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.server.base_url, timeout=60, headers=headers)
 
-    def metric_totals(self, name: str, label: str) -> dict[str, float]:
-        """`name`'s samples summed by `label`, as a scraper reads them from `/metrics`."""
+    def metric_totals(self, name: str, *labels: str) -> dict:
+        """`name`'s samples summed by `labels` (one label: keyed by its value, several: by the
+        tuple), as a scraper reads them from `/metrics`."""
         with self.http() as client:
             text = client.get("/metrics").text
-        totals: dict[str, float] = {}
+        totals: dict = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name:
-                    key = sample.labels[label]
+                    values = tuple(sample.labels[label] for label in labels)
+                    key = values[0] if len(values) == 1 else values
                     totals[key] = totals.get(key, 0.0) + sample.value
         return totals
 

@@ -89,6 +89,18 @@ def test_traffic_totals_equal_the_metrics_endpoint(env):
     assert by_task["ab"] >= 1 and by_task["summarize"] >= 1
 
 
+def test_task_assignments_per_arm_equal_the_metrics_endpoint(env):
+    for user in range(8):  # the arm is a hash of the user: eight users reach both arms
+        chat(env, "ab", **{"X-User-Id": f"user-{user}"})
+    with env.http() as client:
+        tasks = {task["task"]: task for task in client.get("/dashboard/api/state").json()["tasks"]}
+    routed = env.metric_totals("loraplex_task_requests_total", "task", "adapter")
+    assert tasks["ab"]["arms"] == {"alpha": 1.0, "beta": 1.0}
+    assert tasks["ab"]["assignments"] == {adapter: value for (task, adapter), value in routed.items() if task == "ab"}
+    assert set(tasks["ab"]["assignments"]) == {"alpha", "beta"}
+    assert sum(tasks["ab"]["assignments"].values()) >= 8
+
+
 def test_last_used_follows_a_request_once_sampled(env):
     chat(env, "gamma")
     history = env.server.app.state.traffic_history
