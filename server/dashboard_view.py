@@ -118,7 +118,7 @@ def _traffic(now: Snapshot, snapshots: list[Snapshot], kind: str, visible: set[s
             "name": name,
             "requests": counts.requests,
             "generation_tokens": counts.generation_tokens,
-            "rejected_429": counts.rejected,
+            "rejected_429": counts.rejected if kind == "adapters" else None,  # the error counter has no task label
             "window_seconds": seconds,
             "window": figures.__dict__ if figures is not None else None,
             "series": series([*snapshots, now], name, kind).__dict__,

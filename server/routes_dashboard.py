@@ -47,7 +47,7 @@ SECURITY_HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
-def install_dashboard(app: FastAPI, metrics: ServerMetrics, interval_s: float = 2.0) -> None:
+def install_dashboard(app: FastAPI, metrics: ServerMetrics, interval_s: float = 5.0) -> None:
     """Add the dashboard's routes and sample traffic every `interval_s` while the app runs."""
     def engine_stats() -> EngineStats | None:
         state = getattr(app.state, "server", None)  # set once the lifespan has built the engine

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics import MetricWrapperBase
 
 from server.engine import EngineStats
-from server.metrics import ServerMetrics
+from server.metrics import LATENCY_BUCKETS, ServerMetrics
 
-Buckets = tuple[tuple[float, float], ...]  # (upper bound, cumulative count), +Inf last
+# Cumulative observation counts per bucket of LATENCY_BOUNDS (both latency histograms use them).
+# Bounds are kept once, not per snapshot: the ring holds minutes of snapshots of every adapter.
+Buckets = tuple[int, ...]
+LATENCY_BOUNDS = (*LATENCY_BUCKETS, math.inf)
 
 
 @dataclass
@@ -66,7 +69,7 @@ class TrafficHistory:
         self,
         metrics: ServerMetrics,
         stats_source: Callable[[], EngineStats | None],
-        interval_s: float = 2.0,
+        interval_s: float = 5.0,
         window_s: float = 300.0,
     ) -> None:
         self.metrics = metrics
@@ -84,6 +87,12 @@ class TrafficHistory:
             before = previous.adapters.get(name) if previous else None
             if counts.requests > (before.requests if before else 0.0):
                 self.last_request_wall[name] = snapshot.wall
+        if previous is not None:  # idle names share one object across snapshots
+            for kind in ("adapters", "tasks"):
+                table, old = getattr(snapshot, kind), getattr(previous, kind)
+                for name, counts in table.items():
+                    if old.get(name) == counts:
+                        table[name] = old[name]
         self._ring.append(snapshot)
         return snapshot
 
@@ -140,14 +149,14 @@ def window(before: Counts | None, after: Counts, seconds: float) -> Window:
     )
 
 
-def bucket_quantile(q: float, buckets: Buckets) -> float | None:
+def bucket_quantile(q: float, buckets: Buckets, bounds: tuple[float, ...] = LATENCY_BOUNDS) -> float | None:
     """The q-quantile of a cumulative histogram, interpolated linearly within its bucket (as
     Prometheus does); None without observations. Past the last finite bound: that bound."""
-    if not buckets or buckets[-1][1] <= 0:
+    if not buckets or buckets[-1] <= 0:
         return None
-    rank = q * buckets[-1][1]
+    rank = q * buckets[-1]
     lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
+    for bound, count in zip(bounds, buckets):
         if count >= rank:
             if math.isinf(bound):
                 return lower_bound
@@ -161,7 +170,7 @@ def bucket_quantile(q: float, buckets: Buckets) -> float | None:
 def _bucket_difference(after: Buckets, before: Buckets) -> Buckets:
     if not before:
         return after
-    return tuple((bound, count - old) for (bound, count), (_, old) in zip(after, before))
+    return tuple(count - old for count, old in zip(after, before))
 
 
 def _counter_values(metric: MetricWrapperBase) -> Iterable[tuple[dict[str, str], float]]:
@@ -172,12 +181,12 @@ def _counter_values(metric: MetricWrapperBase) -> Iterable[tuple[dict[str, str],
 
 
 def _histogram_buckets(metric: MetricWrapperBase, label: str) -> dict[str, Buckets]:
-    found: dict[str, list[tuple[float, float]]] = {}
+    found: dict[str, dict[float, int]] = {}
     for family in metric.collect():
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                found.setdefault(sample.labels[label], []).append((float(sample.labels["le"]), sample.value))
-    return {name: tuple(sorted(points)) for name, points in found.items()}
+                found.setdefault(sample.labels[label], {})[float(sample.labels["le"])] = int(sample.value)
+    return {name: tuple(counts[bound] for bound in LATENCY_BOUNDS) for name, counts in found.items()}
 
 
 @dataclass

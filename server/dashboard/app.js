@@ -228,7 +228,7 @@ function renderTraffic(table, rows) {
     tr.appendChild(el("td", formatSeconds(w.ttft_p95), "num"));
     tr.appendChild(el("td", formatSeconds(w.e2e_p50), "num"));
     tr.appendChild(el("td", formatSeconds(w.e2e_p95), "num"));
-    tr.appendChild(el("td", formatCount(row.rejected_429), "num rejected"));
+    tr.appendChild(el("td", row.rejected_429 === null ? "–" : formatCount(row.rejected_429), "num rejected"));
     for (const values of [row.series.requests_per_s, row.series.tokens_per_s, row.series.e2e_p95]) {
       const chart = el("td", null, "chart");
       chart.appendChild(sparkline(values, row.series.wall));

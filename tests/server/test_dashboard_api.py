@@ -4,13 +4,16 @@ and the page's delivery (security headers, `--no-dashboard`)."""
 
 from __future__ import annotations
 
+import math
 import time
 
+import httpx
 import pytest
 
 from dashboard_fixtures import ADMIN_KEY, EVAL_LOSS, HTML_NAME, RUN_NAME, TENANT_KEY, TRAIN_LOSSES, DashboardEnv, dashboard_server
 from server.app import ServerSettings
-from server.traffic_history import Counts, bucket_quantile, window
+from server.metrics import ServerMetrics
+from server.traffic_history import LATENCY_BOUNDS, Counts, TrafficHistory, bucket_quantile, window
 from test_http_harness import live_server, make_model_folder
 
 CHAT = [{"role": "user", "content": "Say something"}]
@@ -158,8 +161,6 @@ def test_page_and_assets_carry_a_strict_content_security_policy(env):
 def test_no_dashboard_leaves_no_route(tmp_path):
     settings = ServerSettings(model=str(make_model_folder(tmp_path / "tiny")), dashboard=False)
     with live_server(settings) as server:
-        import httpx
-
         with httpx.Client(base_url=server.base_url) as client:
             assert client.get("/dashboard").status_code == 404
             assert client.get("/dashboard/api/state").status_code == 404
@@ -168,19 +169,37 @@ def test_no_dashboard_leaves_no_route(tmp_path):
 def test_bucket_quantile_interpolates_within_the_bucket_as_prometheus_does():
     # 10 observations in (1, 2], 10 in (2, 4]: the median is the top of the first bucket, p75
     # halfway into the second; an empty histogram has no quantile.
-    buckets = ((1.0, 0.0), (2.0, 10.0), (4.0, 20.0), (float("inf"), 20.0))
-    assert bucket_quantile(0.5, buckets) == pytest.approx(2.0)
-    assert bucket_quantile(0.75, buckets) == pytest.approx(3.0)
-    assert bucket_quantile(0.25, buckets) == pytest.approx(1.5)
-    assert bucket_quantile(0.5, ((1.0, 0.0), (float("inf"), 0.0))) is None
-    assert bucket_quantile(0.99, ((1.0, 0.0), (float("inf"), 5.0))) == 1.0  # beyond the last bound
+    bounds = (1.0, 2.0, 4.0, float("inf"))
+    buckets = (0, 10, 20, 20)
+    assert bucket_quantile(0.5, buckets, bounds) == pytest.approx(2.0)
+    assert bucket_quantile(0.75, buckets, bounds) == pytest.approx(3.0)
+    assert bucket_quantile(0.25, buckets, bounds) == pytest.approx(1.5)
+    assert bucket_quantile(0.5, (0, 0, 0, 0), bounds) is None
+    assert bucket_quantile(0.99, (0, 0, 0, 5), bounds) == 4.0  # beyond the last finite bound
+
+
+def test_quantiles_from_the_servers_histogram_bound_the_observed_values():
+    # Oracle: the exact quantiles of the observations must fall in the bucket the estimate is in.
+    metrics = ServerMetrics()
+    observations = [0.003, 0.02, 0.04, 0.07, 0.08, 0.2, 0.3, 0.45, 0.9, 3.0]
+    for value in observations:
+        metrics.e2e.labels("a").observe(value)
+    counts = TrafficHistory(metrics, stats_source=lambda: None).read().adapters["a"]
+    assert counts.e2e[-1] == len(observations)
+    for q in (0.5, 0.95):
+        exact = sorted(observations)[math.ceil(q * len(observations)) - 1]
+        estimate = bucket_quantile(q, counts.e2e)
+        upper = next(bound for bound in LATENCY_BOUNDS if exact <= bound)
+        lower = max([0.0, *(bound for bound in LATENCY_BOUNDS if bound < exact)])
+        assert lower <= estimate <= upper
 
 
 def test_window_rates_are_counter_differences_over_time():
-    before = Counts(requests=10, generation_tokens=100, ttft=((0.1, 4.0), (float("inf"), 4.0)))
-    after = Counts(requests=16, generation_tokens=160, ttft=((0.1, 4.0), (float("inf"), 8.0)))
+    slow = LATENCY_BOUNDS.index(0.1)
+    before = Counts(requests=10, generation_tokens=100, ttft=tuple(4 if i >= slow else 0 for i in range(len(LATENCY_BOUNDS))))
+    after = Counts(requests=16, generation_tokens=160, ttft=before.ttft[:-1] + (8,))
     figures = window(before, after, seconds=3.0)
     assert figures.requests_per_s == pytest.approx(2.0)
     assert figures.tokens_per_s == pytest.approx(20.0)
-    assert figures.ttft_p50 == pytest.approx(0.1)  # the 4 new observations all fell past 0.1 s
+    assert figures.ttft_p50 == pytest.approx(LATENCY_BOUNDS[-2])  # the 4 new observations all fell past the last bound
     assert figures.e2e_p50 is None
