@@ -14,14 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from router.task_table import check_name
 from server.app import AdminDep, GrantDep, StateDep
-from server.schemas import (
-    AdapterLoaded,
-    LoadLoraAdapterRequest,
-    ModelCard,
-    ModelList,
-    PinLoraAdapterRequest,
-    UnloadLoraAdapterRequest,
-)
+from server.schemas import AdapterLoaded, LoadLoraAdapterRequest, ModelCard, ModelList, PinLoraAdapterRequest, UnloadLoraAdapterRequest
 
 router = APIRouter()
 

@@ -395,6 +395,7 @@ async function start() {
   setStatus("", false);
   try {
     const config = await api("/dashboard/api/config");
+    $("key-form").hidden = !config.api_keys; // an open server (no --api-keys) needs no key
     if (config.api_keys && !apiKey()) {
       $("content").hidden = true;
       setStatus("This server needs an API key: enter yours above.", false);

@@ -203,3 +203,15 @@ def test_window_rates_are_counter_differences_over_time():
     assert figures.tokens_per_s == pytest.approx(20.0)
     assert figures.ttft_p50 == pytest.approx(LATENCY_BOUNDS[-2])  # the 4 new observations all fell past the last bound
     assert figures.e2e_p50 is None
+
+
+def test_refusals_and_requests_are_read_per_adapter_from_the_counters():
+    metrics = ServerMetrics()
+    metrics.requests.labels("a", "chat").inc(3)
+    metrics.requests.labels("a", "completions").inc(2)
+    metrics.errors.labels("a", "429").inc(2)
+    metrics.errors.labels("a", "400").inc()  # not a refusal for load
+    snapshot = TrafficHistory(metrics, stats_source=lambda: None).read()
+    assert snapshot.adapters["a"].requests == 5
+    assert snapshot.adapters["a"].rejected == 2
+    assert snapshot.load is None  # no engine yet
