@@ -158,6 +158,16 @@ def test_page_and_assets_carry_a_strict_content_security_policy(env):
         assert missing.status_code == 404 and "error" in missing.json()
 
 
+def test_an_open_server_shows_everything_without_a_key(tmp_path):
+    settings = ServerSettings(model=str(make_model_folder(tmp_path / "tiny")))
+    with live_server(settings) as server:
+        with httpx.Client(base_url=server.base_url) as client:
+            assert client.get("/dashboard/api/config").json() == {"api_keys": False}
+            state = client.get("/dashboard/api/state").json()
+    assert state["viewer"] == {"tenant": "default", "admin": True}
+    assert state["adapters"] == [] and state["server"]["can_load"] is False  # no --adapter-root
+
+
 def test_no_dashboard_leaves_no_route(tmp_path):
     settings = ServerSettings(model=str(make_model_folder(tmp_path / "tiny")), dashboard=False)
     with live_server(settings) as server:
