@@ -33,7 +33,12 @@ from server.training_runs import list_runs
 log = logging.getLogger("loraplex.server")
 
 # Everything the page loads; nothing else under the package is ever served.
-ASSETS = {"app.js": "text/javascript", "styles.css": "text/css", "favicon.svg": "image/svg+xml"}
+ASSETS = {
+    "app.js": "text/javascript",
+    "widgets.js": "text/javascript",
+    "styles.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
