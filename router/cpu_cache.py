@@ -61,6 +61,11 @@ class CpuAdapterCache:
         with self._lock:
             return list(self._entries)
 
+    def sizes(self) -> dict[str, int]:
+        """Bytes of each entry, without marking any as used."""
+        with self._lock:
+            return {key: weights.nbytes for key, weights in self._entries.items()}
+
     @property
     def nbytes(self) -> int:
         with self._lock:

@@ -166,6 +166,11 @@ class AdapterTiers:
             (self._pinned_names.add if pinned else self._pinned_names.discard)(name)
         self._wake()
 
+    def pinned_names(self) -> set[str]:
+        """Names pinned by an operator (resident now, or as soon as a slot frees)."""
+        with self._lock:
+            return set(self._pinned_names)
+
     # ---- the worker --------------------------------------------------------------------------
 
     def slot_for(self, info: AdapterInfo) -> int | None:
@@ -216,11 +221,6 @@ class AdapterTiers:
             elif self.slots.can_place():
                 self._place(info.key, weights)
                 self.slots.pin(info.key)
-
-    @property
-    def pinned_names(self) -> set[str]:
-        with self._lock:
-            return set(self._pinned_names)
 
     def resident(self) -> list[ResidentAdapter]:
         """worker: the slot table."""

@@ -59,6 +59,8 @@ class ServerSettings:
     sync_store: bool = False  # serve every adapter of the store and follow its LATEST pointers
     store_poll_seconds: float = 2.0
     drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
+    dashboard: bool = True  # GET /dashboard and the JSON it polls
+    runs_dir: str | None = None  # training runs (folders with log.jsonl) the dashboard lists
 
 
 @dataclass
@@ -116,6 +118,10 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
     install_error_handlers(app)
     for router in (completions_router, adapters_router, tasks_router, health_router):
         app.include_router(router)
+    if settings.dashboard:
+        from server.routes_dashboard import install_dashboard
+
+        install_dashboard(app, metrics)
     # Added last = outermost: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware, drain=drain)

@@ -196,7 +196,7 @@ class Engine:
         with self._lock:
             resident = {(entry.name, entry.version) for entry in self._resident}
         missing = []
-        for name in sorted(self.tiers.pinned_names):
+        for name in sorted(self.tiers.pinned_names()):
             info = self.tiers.registry.current(name)
             if info is not None and (info.name, info.version) not in resident:
                 missing.append(name)

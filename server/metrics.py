@@ -52,6 +52,23 @@ class ServerMetrics:
             "loraplex_e2e_request_latency_seconds", "Arrival to last token", ["adapter"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        # The same request figures by task (requests routed through the task table), for the
+        # dashboard's per-task traffic; direct adapter requests have no task and are not counted here.
+        self.task_requests = Counter(
+            "loraplex_task_requests", "Generation requests routed by task, by the adapter (arm) chosen", ["task", "adapter"],
+            registry=r,
+        )
+        self.task_generation_tokens = Counter(
+            "loraplex_task_generation_tokens", "Tokens generated, by task", ["task"], registry=r
+        )
+        self.task_ttft = Histogram(
+            "loraplex_task_time_to_first_token_seconds", "Arrival to first generated token, by task", ["task"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.task_e2e = Histogram(
+            "loraplex_task_e2e_request_latency_seconds", "Arrival to last token, by task", ["task"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.adapter_load = Histogram(
             "loraplex_adapter_load_seconds", "Time to validate and register an adapter", ["outcome"],
             buckets=LOAD_BUCKETS, registry=r,
@@ -66,9 +83,10 @@ class ServerMetrics:
 class GenerationTimer:
     """Per-request timings fed to the histograms as tokens arrive."""
 
-    def __init__(self, metrics: ServerMetrics, adapter: str, arrival: float) -> None:
+    def __init__(self, metrics: ServerMetrics, adapter: str, arrival: float, task: str | None = None) -> None:
         self.metrics = metrics
         self.adapter = adapter
+        self.task = task
         self.arrival = arrival
         self.last_token_time: float | None = None
 
@@ -78,6 +96,8 @@ class GenerationTimer:
         now = time.monotonic() if now is None else now
         if self.last_token_time is None:
             self.metrics.ttft.labels(self.adapter).observe(now - self.arrival)
+            if self.task is not None:
+                self.metrics.task_ttft.labels(self.task).observe(now - self.arrival)
             count -= 1
         elif count:
             # A delta may carry several tokens (held back by stop-string or UTF-8 checks):
@@ -94,6 +114,9 @@ class GenerationTimer:
         m.prompt_tokens.labels(self.adapter).inc(prompt_tokens)
         m.generation_tokens.labels(self.adapter).inc(completion_tokens)
         m.finished.labels(self.adapter, finish_reason).inc()
+        if self.task is not None:
+            m.task_e2e.labels(self.task).observe(now - self.arrival)
+            m.task_generation_tokens.labels(self.task).inc(completion_tokens)
 
 
 class EngineStatsCollector(Collector):

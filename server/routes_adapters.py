@@ -1,4 +1,5 @@
-"""Adapter admin in vLLM's shape (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) and the
+"""Adapter admin in vLLM's shape (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, and
+`/v1/pin_lora_adapter`, `/v1/unpin_lora_adapter` to keep an adapter resident) and the
 OpenAI model list (`/v1/models`: the base, then each adapter with `parent` = the base).
 
 Loading validates the whole adapter in a worker thread (reading safetensors and checking shapes
@@ -13,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from router.task_table import check_name
 from server.app import AdminDep, GrantDep, StateDep
+from server.schemas import AdapterLoaded, LoadLoraAdapterRequest, ModelCard, ModelList, PinLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.store_sync import STORE_PREFIX, resolve_store_reference
-from server.schemas import AdapterLoaded, LoadLoraAdapterRequest, ModelCard, ModelList, UnloadLoraAdapterRequest
 
 router = APIRouter()
 
@@ -72,3 +73,15 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, state: StateDep, a
     if dangling:
         message += f" Tasks still routed to it (they answer 404 until re-pointed): {', '.join(dangling)}."
     return {"message": message, "tasks_without_adapter": dangling}
+
+
+@router.post("/v1/pin_lora_adapter")
+async def pin_lora_adapter(body: PinLoraAdapterRequest, state: StateDep, admin: AdminDep) -> dict:
+    state.engine.pin_adapter(body.lora_name, True)
+    return {"message": f"Success: LoRA adapter {body.lora_name!r} pinned; it stays in a slot until unpinned."}
+
+
+@router.post("/v1/unpin_lora_adapter")
+async def unpin_lora_adapter(body: PinLoraAdapterRequest, state: StateDep, admin: AdminDep) -> dict:
+    state.engine.pin_adapter(body.lora_name, False)
+    return {"message": f"Success: LoRA adapter {body.lora_name!r} unpinned; it may be evicted when idle."}

@@ -81,6 +81,8 @@ async def _generate(
     request.state.adapter_label = label
     endpoint = "chat" if chat else "completions"
     state.metrics.requests.labels(label, endpoint).inc()
+    if decision.task is not None:
+        state.metrics.task_requests.labels(decision.task, label).inc()
 
     params = SamplingParams(
         max_tokens=_capped_max_tokens(len(prompt_ids), body.requested_max_tokens, state.max_context),
@@ -99,7 +101,7 @@ async def _generate(
         include_usage=body.include_usage,
     )
     waiter = EventWaiter(handle, request, request.state.arrival + state.settings.request_timeout)
-    timer = GenerationTimer(state.metrics, label, request.state.arrival)
+    timer = GenerationTimer(state.metrics, label, request.state.arrival, task=decision.task)
     if body.stream:
         events = _stream_chat(reply, waiter, timer) if chat else _stream_completion(reply, waiter, timer)
         return GenerationStream(waiter, events, headers=headers)

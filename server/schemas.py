@@ -177,6 +177,10 @@ class UnloadLoraAdapterRequest(_Request):
     lora_name: str = Field(min_length=1)
 
 
+class PinLoraAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1)
+
+
 class AdapterLoaded(BaseModel):
     name: str
     version: int

@@ -35,10 +35,10 @@ log = logging.getLogger("loraplex.serve")
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
 SERVER_KEYS = (
-    "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes",
+    "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
 )
-KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned"}
+KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned", "runs_dir"}
 
 
 class ServeConfigError(ValueError):
@@ -83,6 +83,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     replicas.add_argument("--drain-timeout", type=float,
                           help="after SIGTERM: seconds running requests get to finish while /ready says "
                           "draining and new requests get 503 (default 30)")
+    serve.add_argument("--no-dashboard", dest="dashboard", action="store_false", default=None,
+                       help="do not serve the web dashboard at /dashboard")
+    serve.add_argument("--runs-dir", type=Path, help="folder of training runs (each with log.jsonl) the dashboard lists")
     serve.set_defaults(run=run_serve)
 
 
@@ -110,7 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "model": args.model, "served_model_name": args.served_model_name, "host": args.host, "port": args.port,
         "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
         "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
-        "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base,
+        "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base, "dashboard": args.dashboard,
         "adapter_store": args.adapter_store, "sync_store": args.sync_store,
         "store_poll_seconds": args.store_poll_seconds, "drain_timeout": args.drain_timeout,
     }
@@ -137,6 +140,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     elif config.get("api_keys") is not None:
         api_keys = ApiKeys.from_mapping(config["api_keys"], source=f"{args.config}: api_keys")
 
+    runs_dir = args.runs_dir or (_relative_to(base_dir, config["runs_dir"]) if config.get("runs_dir") else None)
+    if runs_dir is not None and not Path(runs_dir).is_dir():
+        raise ServeConfigError(f"--runs-dir {runs_dir} is not a folder; point it at the folder holding your training runs")
     roots = [str(_relative_to(base_dir, root)) for root in config.get("adapter_roots") or []] + list(args.adapter_root)
     try:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
@@ -150,7 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     pinned = list(config.get("pinned") or []) + list(args.pin)
     return ServerSettings(
         adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, pinned=pinned,
-        **server_fields,
+        runs_dir=str(runs_dir) if runs_dir is not None else None, **server_fields,
     )
 
 
