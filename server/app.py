@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backbone.model_source import load_pretrained, served_model_name
+from backbone.precision import resolve_precision
 from backbone.tokenizer import Tokenizer
 from router.path_guard import PathGuard
 from router.request_router import RequestRouter
@@ -51,6 +52,8 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
     host: str = "127.0.0.1"
     port: int = 8000
+    device: str = "cpu"  # `loraplex serve` resolves auto (backbone/precision.py) before it gets here
+    dtype: str = "float32"
 
 
 @dataclass
@@ -132,7 +135,8 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState
     """Load the model, start the engine, register the configured adapters and tasks. Any bad
     adapter or task here stops startup: a server should not come up half-configured."""
     with serial_torch():  # the engine's worker is the one thread for parallel math
-        model, tokenizer = load_pretrained(settings.model)
+        precision = resolve_precision(settings.device, settings.dtype)
+        model, tokenizer = load_pretrained(settings.model, dtype=precision.dtype, device=precision.device)
         base_name = settings.served_model_name or served_model_name(settings.model)
         engine = Engine(model, tokenizer, settings.engine, base_name)
     engine.start()
