@@ -4,6 +4,11 @@ Rows of a batch are independent, so d(loss_t)/dA is the sum of the per-row contr
 t's rows. Splitting the ordinary weight-gradient matmuls by task gives all T per-task gradients for
 the cost of one backward pass; their sum is the ordinary gradient, which autograd receives as
 usual. The per-task parts are added into `sink` (accumulating across micro-batches).
+
+Precision: the forward runs in the activations' dtype (A and B cast at use); the per-task weight
+gradients are computed and binned in fp32 whatever that dtype is, because surgery compares and
+projects them (cosines of bf16 gradients are too coarse), and they are returned in the
+parameters' own dtype (fp32 when trained).
 """
 
 from __future__ import annotations
@@ -28,29 +33,31 @@ class TaskGradSink:
 class _BinnedSharedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scale, task_ids, sink):  # x (N, in), A (r, in), B (out, r)
-        hidden = x @ lora_A.T  # (N, r)
+        hidden = x @ lora_A.to(x.dtype).T  # (N, r)
         ctx.save_for_backward(x, lora_A, lora_B, hidden, task_ids)
         ctx.scale, ctx.sink = scale, sink
-        return (hidden @ lora_B.T) * scale  # (N, out)
+        return (hidden @ lora_B.to(x.dtype).T) * scale  # (N, out)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_A, lora_B, hidden, task_ids = ctx.saved_tensors
         grad_out = grad_out * ctx.scale
-        grad_hidden = grad_out @ lora_B  # (N, r)
-        grad_A = torch.zeros_like(lora_A)
-        grad_B = torch.zeros_like(lora_B)
+        grad_hidden = grad_out @ lora_B.to(grad_out.dtype)  # (N, r)
+        # fp32 for the bins (a no-op for an fp32 model).
+        x32, hidden32, grad_out32, grad_hidden32 = x.float(), hidden.float(), grad_out.float(), grad_hidden.float()
+        grad_A = torch.zeros(lora_A.shape, dtype=torch.float32, device=lora_A.device)
+        grad_B = torch.zeros(lora_B.shape, dtype=torch.float32, device=lora_B.device)
         for task in range(ctx.sink.grad_A.shape[0]):
             rows = (task_ids == task).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            task_grad_A = grad_hidden[rows].T @ x[rows]  # (r, in)
-            task_grad_B = grad_out[rows].T @ hidden[rows]  # (out, r)
+            task_grad_A = grad_hidden32[rows].T @ x32[rows]  # (r, in)
+            task_grad_B = grad_out32[rows].T @ hidden32[rows]  # (out, r)
             ctx.sink.grad_A[task] += task_grad_A
             ctx.sink.grad_B[task] += task_grad_B
             grad_A += task_grad_A
             grad_B += task_grad_B
-        return grad_hidden @ lora_A, grad_A, grad_B, None, None, None
+        return grad_hidden @ lora_A.to(grad_hidden.dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, None
 
 
 def binned_shared_delta(

@@ -4,6 +4,12 @@ The frozen base weight plus stacked adapter slots: A (S, r_max, in), B (S, out, 
 scale (S,). An adapter of rank r < r_max fills the first r rows of A / columns of B; the rest stay
 zero, so padding changes nothing. Each row of a batch picks its slot through the routing passed
 with the call; -1 means the base alone.
+
+Precision: the slot stacks are in the base weight's dtype (what serving reads); the scales stay
+fp32 (alpha/sqrt(r) is not exact in bf16). Trainable slots are fp32 parameters (PEFT's and
+torchtune's practice: the optimizer's small updates would vanish in bf16) and are cast to the
+activations' dtype where they are used, so the matmuls run in the model dtype while gradients
+flow back into the fp32 parameters.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ class LoraLinear(Projection):
         device, dtype = base.weight.device, base.weight.dtype
         self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, device=device, dtype=dtype))
         self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, max_rank, device=device, dtype=dtype))
-        self.register_buffer("lora_scale", torch.zeros(num_slots, device=device, dtype=dtype))
+        self.register_buffer("lora_scale", torch.zeros(num_slots, device=device, dtype=torch.float32))
         # Training only: slots whose A/B are parameters (str(slot) -> tensor), and the per-task
         # gradient bins of the shared slot.
         self.trainable_A = nn.ParameterDict()
@@ -47,9 +53,12 @@ class LoraLinear(Projection):
 
     # ---- slot contents -------------------------------------------------------------------
 
-    def set_slot(self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float) -> None:
+    def set_slot(
+        self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float, non_blocking: bool = False
+    ) -> None:
         """Write one adapter's (r, in) / (out, r) weights into `slot`; None clears the slot (an
-        adapter that does not target this module adds nothing here)."""
+        adapter that does not target this module adds nothing here). `non_blocking`: copies from
+        pinned host memory are queued on the current CUDA stream (server/slot_copies.py)."""
         with torch.no_grad():
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
@@ -60,15 +69,15 @@ class LoraLinear(Projection):
             rank = lora_A.shape[0]
             if rank > self.max_rank:
                 raise ValueError(f"adapter rank {rank} exceeds this layer's maximum {self.max_rank}")
-            self.lora_A[slot, :rank].copy_(lora_A)
-            self.lora_B[slot, :, :rank].copy_(lora_B)
+            self.lora_A[slot, :rank].copy_(lora_A, non_blocking=non_blocking)
+            self.lora_B[slot, :, :rank].copy_(lora_B, non_blocking=non_blocking)
             self.lora_scale[slot] = scale
             self.slot_ranks[slot] = rank
 
     def make_trainable(self, slot: int) -> None:
-        """Turn `slot` into parameters with gradients (initialised from the buffers)."""
-        self.trainable_A[str(slot)] = nn.Parameter(self.lora_A[slot].clone())
-        self.trainable_B[str(slot)] = nn.Parameter(self.lora_B[slot].clone())
+        """Turn `slot` into fp32 parameters with gradients (initialised from the buffers)."""
+        self.trainable_A[str(slot)] = nn.Parameter(self.lora_A[slot].float().clone())
+        self.trainable_B[str(slot)] = nn.Parameter(self.lora_B[slot].float().clone())
         self.slot_ranks[slot] = self.max_rank  # training may fill any row
 
     def freeze_trainable(self) -> None:
@@ -90,11 +99,12 @@ class LoraLinear(Projection):
     def _stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.trainable_A:
             return self.lora_A, self.lora_B
-        # Differentiable stack: trained slots carry gradients, the rest are constants.
-        slots = range(self.num_slots)
+        # Differentiable stack in the model dtype: trained slots (fp32) carry gradients through
+        # the cast, the rest are constants.
+        slots, dtype = range(self.num_slots), self.lora_A.dtype
         return (
-            torch.stack([self.slot_weights(s)[0] for s in slots]),
-            torch.stack([self.slot_weights(s)[1] for s in slots]),
+            torch.stack([self.slot_weights(s)[0].to(dtype) for s in slots]),
+            torch.stack([self.slot_weights(s)[1].to(dtype) for s in slots]),
         )
 
     # ---- forward -------------------------------------------------------------------------
@@ -109,7 +119,9 @@ class LoraLinear(Projection):
         if rank > 0:
             out = self._add_per_row_delta(out, x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
         if routing.shared_slot is not None:
-            out = out + self._shared_delta(x, routing, lora_A[routing.shared_slot], lora_B[routing.shared_slot])
+            # The shared slot's own weights (fp32 when trained), not the stack's cast copy, so its
+            # per-task gradient bins are computed against the parameters themselves.
+            out = out + self._shared_delta(x, routing, *self.slot_weights(routing.shared_slot))
         return out
 
     def _add_per_row_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
@@ -164,7 +176,7 @@ class LoraLinear(Projection):
         scale = float(self.lora_scale[routing.shared_slot])
         if routing.task_ids is not None and self.task_grads is not None and torch.is_grad_enabled():
             return binned_shared_delta(x, shared_A, shared_B, scale, routing.task_ids, self.task_grads)
-        return (x @ shared_A.T) @ shared_B.T * scale
+        return (x @ shared_A.to(x.dtype).T) @ shared_B.to(x.dtype).T * scale
 
 
 def reference_lora_forward(layer: LoraLinear, x: torch.Tensor, routing: AdapterRouting) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,19 @@ class AdapterRouting:
             rows = (self.slot_ids >= 0).nonzero().squeeze(1)
             self.rows_by_slot = torch.empty_like(rows)
             self.rows_by_slot[self.row_to_active[rows]] = rows
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "AdapterRouting":
+        """This routing with its tensors on `device`. Built on the host first, a batch's routing
+        reads its slots (active_list) without a device sync; `non_blocking` needs pinned tensors."""
+        if self.slot_ids.device == device:
+            return self
+        moved = copy.copy(self)
+        for name in ("slot_ids", "task_ids", "active_slots", "row_to_active", "active_mask", "rows_by_slot"):
+            value = getattr(self, name)
+            if value is not None:
+                value = value.pin_memory() if non_blocking else value
+                setattr(moved, name, value.to(device, non_blocking=non_blocking))
+        return moved
 
     @classmethod
     def single(cls, slot: int, batch: int) -> "AdapterRouting":

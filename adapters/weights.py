@@ -81,8 +81,9 @@ def _linear_default_init(weight: torch.Tensor, generator: torch.Generator | None
     return weight.uniform_(-bound, bound, generator=generator)
 
 
-def write_to_slot(layers: dict[str, LoraLinear], slot: int, weights: AdapterWeights) -> None:
-    """Place `weights` in `slot` of every layer; layers it does not target get an empty slot."""
+def write_to_slot(layers: dict[str, LoraLinear], slot: int, weights: AdapterWeights, non_blocking: bool = False) -> None:
+    """Place `weights` in `slot` of every layer; layers it does not target get an empty slot.
+    `non_blocking`: queue the copies (pinned host tensors onto a CUDA device)."""
     missing = sorted(set(weights.tensors) - set(layers))
     if missing:
         raise SlotLayoutError(
@@ -100,7 +101,7 @@ def write_to_slot(layers: dict[str, LoraLinear], slot: int, weights: AdapterWeig
     for name, layer in layers.items():
         if name in weights.tensors:
             lora_A, lora_B = weights.tensors[name]
-            layer.set_slot(slot, lora_A, lora_B, weights.scale(name))
+            layer.set_slot(slot, lora_A, lora_B, weights.scale(name), non_blocking)
         else:
             layer.set_slot(slot, None, None, 0.0)
 

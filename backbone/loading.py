@@ -14,15 +14,19 @@ from backbone.model import CausalLM
 from backbone.rope import inverse_frequencies
 
 
-def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    """Build the model the folder's config describes and fill it with the folder's weights."""
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> CausalLM:
+    """Build the model the folder's config describes and fill it with the folder's weights.
+
+    The module is built on the meta device (no storage) and each tensor is read, cast to `dtype`
+    on the host and moved to `device` one at a time, then assigned: the device never holds a
+    full-precision copy of the model, nor two copies of any tensor."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist; pass a Hugging Face model folder or `default`")
     config = ModelConfig.from_folder(folder)
     with torch.device("meta"):
         model = CausalLM(config)
-    state = read_weights(folder, dtype)
+    state = read_weights(folder, dtype, device)
     expected = {name for name in model.state_dict() if not (config.tie_word_embeddings and name == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     if missing:
@@ -38,13 +42,15 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = inverse_frequencies(config)  # buffers made on the meta device hold no data
+    # Buffers made on the meta device hold no data. The RoPE frequencies stay fp32 whatever the
+    # model dtype: angles of late positions lose whole radians in bf16 (rope.rotary_cos_sin).
+    model.inv_freq = inverse_frequencies(config).to(device)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model.eval()
 
 
-def read_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's safetensors files, converted to `dtype`."""
+def read_weights(folder: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors files, converted to `dtype` and placed on `device`."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -60,7 +66,7 @@ def read_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
-                    state[name] = handle.get_tensor(name).to(dtype)
+                    state[name] = handle.get_tensor(name).to(dtype).to(device)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ModelLoadError(f"{file} is truncated or corrupt ({err}); download it again") from None
     return state

@@ -38,7 +38,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference does, then cast back before the weight.
+        # Normalise in fp32 whatever the model dtype (a bf16 mean of squares loses the small
+        # components), as the reference does, then cast back before the weight.
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -86,7 +87,8 @@ class Attention(nn.Module):
             if groups > 1:
                 k = k.repeat_interleave(groups, dim=1)
                 v = v.repeat_interleave(groups, dim=1)
-            # is_causal lets SDPA pick its fused causal kernel (training's common case).
+            # is_causal lets SDPA pick its fused causal kernel (training's common case). In bf16/fp16
+            # SDPA's kernels accumulate the softmax in fp32, so no upcast of q/k/v is needed here.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, heads, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1), routing)
 
@@ -154,12 +156,13 @@ class CausalLM(nn.Module):
         routing: Routing = None,
         logits_for: str = "all",  # "all" (B, T, V) | "last" (B, 1, V): the decode step needs only the last
         last_index: torch.Tensor | None = None,  # (B,) with logits_for="last": each row's last real token
+        key_span: int | None = None,  # with a cache: max(positions) + 1 if the caller knows it (no device sync)
     ) -> torch.Tensor:
         batch, length = input_ids.shape
         plain_causal = positions is None and cache is None  # positions 0..T-1 in every row
         if positions is None:
             positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        hidden = self.hidden_states(input_ids, positions, cache, cache_rows, routing, plain_causal)
+        hidden = self.hidden_states(input_ids, positions, cache, cache_rows, routing, plain_causal, key_span)
         if logits_for == "last":
             index = torch.full((batch,), length - 1, device=hidden.device) if last_index is None else last_index
             hidden = hidden[torch.arange(batch, device=hidden.device), index][:, None]
@@ -173,12 +176,13 @@ class CausalLM(nn.Module):
         cache_rows: torch.Tensor | None = None,
         routing: Routing = None,
         plain_causal: bool = False,
+        key_span: int | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden). `plain_causal`: positions are 0..T-1 in every
         row and there is no cache, so attention needs no mask of ours."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq)
-        mask = None if plain_causal else attention_mask(positions, with_cache=cache is not None)
+        mask = None if plain_causal else attention_mask(positions, with_cache=cache is not None, span=key_span)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, positions, cache, cache_rows, routing)
         return self.model.norm(x)
@@ -192,13 +196,14 @@ class CausalLM(nn.Module):
         }
 
 
-def attention_mask(positions: torch.Tensor, with_cache: bool) -> torch.Tensor:
+def attention_mask(positions: torch.Tensor, with_cache: bool, span: int | None = None) -> torch.Tensor:
     """(B, 1, T, S) boolean mask: a query at position p sees keys at positions <= p.
 
     With a cache the keys are the cache indices 0..S-1 (index = position); without one they are
-    this call's own tokens at `positions`."""
+    this call's own tokens at `positions`. `span` = S when the caller knows it: reading it off a
+    GPU tensor would cost a host sync per forward."""
     if with_cache:
-        span = int(positions.max()) + 1
+        span = int(positions.max()) + 1 if span is None else span
         key_positions = torch.arange(span, device=positions.device)[None, :]  # (1, S)
     else:
         key_positions = positions  # (B, T)

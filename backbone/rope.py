@@ -39,7 +39,11 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for each position, (B, 1, T, head_dim), ready to broadcast over heads."""
+    """cos and sin for each position, (B, 1, T, head_dim), ready to broadcast over heads.
+
+    Computed in fp32 (inv_freq stays fp32 in every model dtype): position * frequency reaches
+    thousands of radians, where bf16 keeps no fractional part. The result is cast to the
+    activations' dtype only at use (apply_rotary), as the reference does."""
     angles = positions[..., None].to(inv_freq.dtype) * inv_freq  # (B, T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
     return angles.cos(), angles.sin()

@@ -1,6 +1,6 @@
 """Greedy generation throughput: our `generate` against `transformers` generate, same weights, same run.
 
-    .venv/bin/python bench/generate.py [--model default|PATH] [--batches 1 16] [--repeats 5]
+    .venv/bin/python bench/generate.py [--model default|PATH] [--batches 1 16] [--repeats 5] [--device cuda --dtype bfloat16]
 
 Both sides load the same Hugging Face folder, use the same thread count, take the same prompts
 (random ids, `--prompt-len` tokens each) and generate exactly `--new-tokens` tokens greedily
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backbone import load_model  # noqa: E402
 from backbone.generate import generate  # noqa: E402
 from backbone.sampling import SamplingParams  # noqa: E402
+from bench_precision import add_args as add_precision_args, resolve as resolve_precision  # noqa: E402
 
 
 def resolve_folder(model: str) -> Path:
@@ -34,12 +35,12 @@ def resolve_folder(model: str) -> Path:
     return Path(model)
 
 
-def load_ours(model: str, folder: Path):
+def load_ours(model: str, folder: Path, dtype: torch.dtype, device: torch.device):
     if model == "default":
         from backbone.model_source import load_pretrained
 
-        return load_pretrained("default")[0]
-    return load_model(folder)
+        return load_pretrained("default", dtype=dtype, device=device)[0]
+    return load_model(folder, dtype=dtype, device=device)
 
 
 def make_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -54,7 +55,7 @@ def run_ours(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]
 
 
 def run_reference(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    input_ids = torch.tensor(prompts)
+    input_ids = torch.tensor(prompts, device=model.device)
     with torch.inference_mode():
         output = model.generate(
             input_ids,
@@ -111,14 +112,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_precision_args(parser)
     args = parser.parse_args()
+    precision = resolve_precision(args)
 
     import transformers
 
     torch.set_num_threads(args.threads)
     folder = resolve_folder(args.model)
-    ours = load_ours(args.model, folder)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_ours(args.model, folder, precision.dtype, precision.device)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=precision.dtype).to(precision.device).eval()
     vocab = ours.config.vocab_size
     results = [bench_batch(ours, reference, batch, args, vocab) for batch in args.batches]
     print(
@@ -130,7 +133,8 @@ def main() -> None:
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
                 "repeats": args.repeats,
-                "dtype": "float32",
+                "device": str(precision.device),
+                "dtype": precision.dtype_name,
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "results": results,

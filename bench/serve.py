@@ -7,7 +7,10 @@ adapters, of `transformers.generate` (base) and of PEFT's mixed batch (`adapter_
 adapters), the ratios, adapter hot-load latency, and throughput with many registered adapters
 and few slots under Zipf popularity relative to all of them resident.
 
-    .venv/bin/python bench/serve.py [--quick] [--model default|PATH]
+    .venv/bin/python bench/serve.py [--quick] [--model default|PATH] [--device cuda --dtype bfloat16]
+
+With --device/--dtype, our engine and the transformers/PEFT references run on that device in
+that dtype alike.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from backbone.sampling import SamplingParams  # noqa: E402
 from backbone.tokenizer import Tokenizer  # noqa: E402
 from server.compute_threads import DEFAULT_COMPUTE_THREADS, claim_compute, keep_thread_serial  # noqa: E402
 from server.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from bench_precision import add_args as add_precision_args, peak_memory, resolve as resolve_precision, synchronize  # noqa: E402
 
 RANK = 16
 B_STD = 0.01  # trained LoRA B entries are small; zero B (PEFT's init) would hide the adapter cost
@@ -68,7 +72,7 @@ def engine_run(engine: Engine, batch: list[list[int]], adapters: list[str | None
 
 
 def hf_generate(model, batch: list[list[int]], new_tokens: int, adapter_names: list[str] | None = None) -> dict:
-    input_ids = torch.tensor(batch)
+    input_ids = torch.tensor(batch, device=model.device)
     extra = {"adapter_names": adapter_names} if adapter_names else {}
     with torch.inference_mode():
         started = time.perf_counter()
@@ -81,6 +85,7 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, adapter_names: l
             pad_token_id=0,
             **extra,
         )
+        synchronize(out.device)
         seconds = time.perf_counter() - started
     tokens = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
     return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2)}
@@ -130,12 +135,15 @@ def fastest(runs: list[dict]) -> dict:
     return min(runs, key=lambda run: run["seconds"])
 
 
-def references(model_dir: Path, paths: list[Path], batch: list[list[int]], new_tokens: int, skip_peft: bool, rounds: int) -> dict:
+def references(
+    model_dir: Path, paths: list[Path], batch: list[list[int]], new_tokens: int, skip_peft: bool, rounds: int,
+    dtype: torch.dtype, device: torch.device,
+) -> dict:
     """transformers and PEFT, warmed up and timed with the same best-of-`rounds` as our cases."""
     import transformers
 
     report = {}
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     hf_generate(hf, batch[:2], 2)  # warm-up
     report["transformers_generate_base"] = fastest([hf_generate(hf, batch, new_tokens) for _ in range(rounds)])
     if not skip_peft:
@@ -157,7 +165,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller Zipf run and fewer registered adapters")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of our cases (the fastest is kept)")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow) PEFT mixed-batch reference")
+    add_precision_args(parser)
     args = parser.parse_args()
+    precision = resolve_precision(args)
+    dtype, device = precision.dtype, precision.device
     batch_size, prompt_len, new_tokens = 16, 64, 32
     zipf_adapters, zipf_streams_count, per_stream = (50, 16, 2) if args.quick else (200, 32, 3)
 
@@ -170,12 +181,13 @@ def main() -> None:
     batch = prompts(batch_size, prompt_len, vocab)
     report: dict = {"workload": {"requests": batch_size, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                                  "lora_rank": RANK, "targets": "all linear", "model": str(args.model),
-                                 "threads": DEFAULT_COMPUTE_THREADS, "rounds": args.rounds}}
+                                 "threads": DEFAULT_COMPUTE_THREADS, "rounds": args.rounds,
+                                 "device": str(device), "dtype": precision.dtype_name}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model_dir, Path(tmp), batch_size)
 
         # ---- ours ----
-        engine = Engine(load_model(model_dir), tokenizer,
+        engine = Engine(load_model(model_dir, dtype=dtype, device=device), tokenizer,
                         EngineConfig(max_running=batch_size, max_loras=batch_size, max_lora_rank=RANK,
                                      max_context=prompt_len + new_tokens), "bench")
         register_seconds = []
@@ -208,7 +220,9 @@ def main() -> None:
         }
 
         # ---- references ----
-        report.update(in_compute_thread(lambda: references(model_dir, paths, batch, new_tokens, args.skip_peft, args.rounds)))
+        report.update(in_compute_thread(
+            lambda: references(model_dir, paths, batch, new_tokens, args.skip_peft, args.rounds, dtype, device)
+        ))  # fmt: skip
 
         # ---- many registered adapters, few slots, Zipf popularity ----
         names = [f"z{i}" for i in range(zipf_adapters)]
@@ -219,7 +233,7 @@ def main() -> None:
         # The reference keeps every adapter the run uses resident (one slot each, loaded before
         # timing); the measured case has 8 slots and the default CPU tier of 32.
         for case, slots, cpu in (("8_slots", 8, 32), ("all_resident", len(drawn), len(drawn))):
-            engine = Engine(load_model(model_dir), tokenizer,
+            engine = Engine(load_model(model_dir, dtype=dtype, device=device), tokenizer,
                             EngineConfig(max_running=zipf_streams_count, max_loras=slots, max_cpu_loras=cpu,
                                          max_lora_rank=RANK, max_context=prompt_len + new_tokens), "bench")
             for index, name in enumerate(names):
@@ -251,6 +265,7 @@ def main() -> None:
         report["ratios"]["ours_16_adapters_vs_peft"] = round(
             ours["16_adapters"]["tokens_per_s"] / report["peft_mixed_batch_16_adapters"]["tokens_per_s"], 2
         )
+    report["peak_device_memory_bytes"] = peak_memory(device)
     print(json.dumps(report, indent=2))
 
 

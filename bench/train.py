@@ -14,7 +14,10 @@ interleaved step by step so they see the same machine):
   pcgrad_T_backward  the reference way (LibMTL): one forward, T backward passes for the per-task
                gradients of the shared adapter, then PCGrad
 
-    .venv/bin/python bench/train.py [--quick] [--steps N] [--rows R] [--length L]
+    .venv/bin/python bench/train.py [--quick] [--steps N] [--rows R] [--length L] [--device cuda --dtype bfloat16]
+
+With --device/--dtype, every variant's frozen base is in that dtype on that device (PEFT's too);
+the LoRA weights and AdamW state stay fp32 in all of them, as PEFT keeps them by default.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.batching import collate  # noqa: E402
 from training.data import Example  # noqa: E402
+from bench_precision import add_args as add_precision_args, peak_memory, resolve as resolve_precision, synchronize  # noqa: E402
 
 RANK, TASKS = 16, 4
 VARIANTS = ("peft", "ours_1task", "ours_4task", "surgery")
@@ -50,36 +54,41 @@ def make_batch(rows: int, length: int, vocab: int, tasks: int, seed: int = 0):
     return collate(examples, pad_id=0)
 
 
-def run_peft(folder: Path, batch, steps: int) -> list[float]:
+def run_peft(folder: Path, batch, steps: int, dtype: torch.dtype, device: torch.device) -> list[float]:
     import peft
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # fp32 LoRA weights over the low-precision base, as ours
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    labels = batch.labels  # already shifted: position i predicts labels[i]
+    labels = batch.labels.to(device)  # already shifted: position i predicts labels[i]
+    input_ids = batch.input_ids.to(device)
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids).logits
+        logits = model(input_ids=input_ids).logits.float()  # the loss in fp32, as ours
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
         (loss / batch.num_answer_tokens).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times[1:]  # the first step warms up allocators and kernels
 
 
 
 
-def _our_setup(folder: Path, tasks: int, shared: bool):
+def _our_setup(folder: Path, tasks: int, shared: bool, dtype: torch.dtype, device: torch.device):
     from adapters.config import LoraConfig
     from backbone import load_model
     from training.optim import build_optimizer, param_groups
     from training.task_adapters import AdapterSource, TaskAdapters
 
-    model = load_model(folder)
+    model = load_model(folder, dtype=dtype, device=device)
     config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear")
     sources = [AdapterSource(f"task{t}", config) for t in range(tasks)]
     adapters = TaskAdapters(model, sources, AdapterSource("shared", config) if shared else None, seed=0)
@@ -88,17 +97,18 @@ def _our_setup(folder: Path, tasks: int, shared: bool):
     return model, adapters, optimizer
 
 
-def run_ours(folder: Path, batch, steps: int, tasks: int) -> list[float]:
+def run_ours(folder: Path, batch, steps: int, tasks: int, dtype: torch.dtype, device: torch.device) -> list[float]:
     from training.step import train_step
     from training.surgery import Surgery
 
-    model, adapters, optimizer = _our_setup(folder, tasks, shared=False)
+    model, adapters, optimizer = _our_setup(folder, tasks, shared=False, dtype=dtype, device=device)
     batch.task_ids = batch.task_ids % tasks
     surgery = Surgery("none", tasks, seed=0)
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
         train_step(model, adapters, optimizer, surgery, [batch], 1.0, 1.0)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times[1:]
 
@@ -115,7 +125,7 @@ def t_backward_pcgrad_step(model, adapters, optimizer, batch) -> None:
     losses = token_losses(model, adapters, batch) / batch.num_answer_tokens
     task_grads = []
     for task in range(TASKS):
-        grads = torch.autograd.grad(losses[batch.task_ids == task].sum(), params, retain_graph=task < TASKS - 1, allow_unused=True)
+        grads = torch.autograd.grad(losses[batch.task_ids.to(losses.device) == task].sum(), params, retain_graph=task < TASKS - 1, allow_unused=True)
         by_param = dict(zip(map(id, params), grads))
         for param, grad in zip(params, grads):
             if grad is not None and id(param) not in shared_ids:
@@ -126,12 +136,12 @@ def t_backward_pcgrad_step(model, adapters, optimizer, batch) -> None:
     optimizer.step()
 
 
-def run_surgery(folder: Path, batch, steps: int) -> dict[str, float]:
+def run_surgery(folder: Path, batch, steps: int, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
     """Fastest step of each kind, the kinds interleaved on one model."""
     from training.step import train_step
     from training.surgery import Surgery
 
-    model, adapters, optimizer = _our_setup(folder, TASKS, shared=True)
+    model, adapters, optimizer = _our_setup(folder, TASKS, shared=True, dtype=dtype, device=device)
     plain, pcgrad = Surgery("none", TASKS, seed=0), Surgery("pcgrad", TASKS, seed=0)
 
     def detach_bins() -> None:
@@ -156,6 +166,7 @@ def run_surgery(folder: Path, batch, steps: int) -> dict[str, float]:
         for name, step in kinds.items():
             start = time.perf_counter()
             step()
+            synchronize(device)
             if round_index:  # round 0 warms up
                 best[name] = min(best[name], time.perf_counter() - start)
     return best
@@ -165,24 +176,27 @@ def child(args: argparse.Namespace) -> None:
     from backbone.model_source import resolve_model
 
     torch.set_num_threads(args.threads)
+    precision = resolve_precision(args)
+    dtype, device = precision.dtype, precision.device
     folder = resolve_model("default", progress=False)
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     batch = make_batch(args.rows, args.length, vocab, TASKS)
     tokens = int(batch.lengths.sum())
     if args.variant == "surgery":
-        best = run_surgery(folder, batch, args.steps)
+        best = run_surgery(folder, batch, args.steps, dtype, device)
         print(json.dumps({"variant": "surgery", **{f"{k}_step_s": v for k, v in best.items()}}))
         return
     if args.variant == "peft":
-        times = run_peft(folder, batch, args.steps)
+        times = run_peft(folder, batch, args.steps, dtype, device)
     else:
-        times = run_ours(folder, batch, args.steps, 1 if args.variant == "ours_1task" else TASKS)
+        times = run_ours(folder, batch, args.steps, 1 if args.variant == "ours_1task" else TASKS, dtype, device)
     print(json.dumps({
         "variant": args.variant,
         "tokens": tokens,
         "step_s": min(times),
         "tokens_per_s": tokens / min(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_memory_bytes": peak_memory(device),
     }))
 
 
@@ -195,6 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the variants; each keeps its fastest")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    add_precision_args(parser)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.rows, args.length, args.rounds = 2, 8, 64, 1
@@ -205,7 +220,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for variant in VARIANTS:
             command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--rows",
-                       str(args.rows), "--length", str(args.length), "--threads", str(args.threads)]
+                       str(args.rows), "--length", str(args.length), "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
             finished = subprocess.run(command, capture_output=True, text=True, check=True)
             result = json.loads(finished.stdout.strip().splitlines()[-1])
             key = "plain_step_s" if variant == "surgery" else "step_s"
@@ -213,7 +228,7 @@ def main() -> None:
                 results[variant] = result
     peft, ours, surgery = results["peft"], results["ours_4task"], results["surgery"]
     print(json.dumps({
-        "model": "SmolLM2-135M-Instruct (default), fp32, r=16 all-linear",
+        "model": f"SmolLM2-135M-Instruct (default), {args.device} {args.dtype} base, fp32 LoRA, r=16 all-linear",
         "batch": {"rows": args.rows, "max_length": args.length, "tokens": ours["tokens"], "tasks": TASKS,
                   "measured_steps": args.steps, "rounds": args.rounds, "threads": args.threads},
         "results": results,
@@ -221,6 +236,8 @@ def main() -> None:
             "tokens_per_s_ours_4task_vs_peft": ours["tokens_per_s"] / peft["tokens_per_s"],
             "tokens_per_s_ours_1task_vs_peft": results["ours_1task"]["tokens_per_s"] / peft["tokens_per_s"],
             "peak_rss_ours_4task_vs_peft": ours["peak_rss_mb"] / peft["peak_rss_mb"],
+            "peak_device_memory_ours_4task_vs_peft": (ours["peak_device_memory_bytes"] / peft["peak_device_memory_bytes"]
+                                                      if peft["peak_device_memory_bytes"] else None),
             "pcgrad_step_vs_plain_step": surgery["pcgrad_step_s"] / surgery["plain_step_s"],
             "pcgrad_T_backward_step_vs_plain_step": surgery["pcgrad_T_backward_step_s"] / surgery["plain_step_s"],
             "pcgrad_one_backward_speedup_vs_T_backward": surgery["pcgrad_T_backward_step_s"] / surgery["pcgrad_step_s"],

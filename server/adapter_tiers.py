@@ -24,13 +24,14 @@ from pathlib import Path
 
 from adapters.lora_layer import LoraLinear
 from adapters.peft_io import load_adapter
-from adapters.weights import AdapterWeights, clear_slot, write_to_slot
+from adapters.weights import AdapterWeights
 from backbone.config import ModelConfig
 from router.adapter_registry import AdapterInfo, AdapterRegistry, adapter_path
 from router.cpu_cache import CpuAdapterCache
 from router.slot_manager import SlotManager
 from server.compute_threads import keep_thread_serial
 from server.engine_errors import AdapterSupersededError
+from server.slot_copies import SlotCopier, host_tier_weights
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class AdapterTiers:
         self._strict_base = strict_base
         self._served_model_name = served_model_name
         self._wake = wake  # tells the worker something it waits for has happened
+        first = next(iter(layers.values()))
+        self._slot_dtype, self._slot_device = first.lora_A.dtype, first.lora_A.device
+        self.copier = SlotCopier(self._slot_device)  # async slot writes on a GPU
         self.registry = AdapterRegistry()
         self.cpu = CpuAdapterCache(max_cpu_loras)
         self.slots = SlotManager(max_loras)
@@ -89,14 +93,16 @@ class AdapterTiers:
     # ---- registration (any thread) ---------------------------------------------------------
 
     def parse(self, path: str | Path) -> AdapterWeights:
-        """Read and validate an adapter for this model (raises AdapterError subclasses)."""
-        return load_adapter(
+        """Read and validate an adapter for this model (raises AdapterError subclasses), as the
+        CPU tier keeps it (the slots' dtype; pinned for a GPU)."""
+        weights = load_adapter(
             path,
             self._model_config,
             max_rank=self._max_rank,
             strict_base=self._strict_base,
             served_model_name=self._served_model_name,
         )
+        return host_tier_weights(weights, self._slot_dtype, self._slot_device)
 
     def register(self, name: str, path: str | Path, publish_lock: AbstractContextManager = nullcontext()) -> AdapterInfo:
         """Parse and validate (slow, no lock), then publish the new version under `publish_lock`."""
@@ -203,7 +209,7 @@ class AdapterTiers:
         for key in idle:
             slot = self.slots.slot_of(key)
             if self.slots.retire(key) and slot is not None:
-                clear_slot(self._layers, slot)  # so a stale adapter cannot leak into a bug's output
+                self.copier.clear(self._layers, slot)  # so a stale adapter cannot leak into a bug's output
             self.cpu.pop(key)
         for _, entry in self.slots.entries():
             if not entry.retired:
@@ -237,7 +243,7 @@ class AdapterTiers:
     def _place(self, key: str, weights: AdapterWeights) -> None:
         started = time.monotonic()
         placement = self.slots.place(key, weights.nbytes)
-        write_to_slot(self._layers, placement.slot, weights)
+        self.copier.write(self._layers, placement.slot, weights)
         with self._lock:
             self.slot_write_seconds.append(time.monotonic() - started)
             self.slot_writes += 1

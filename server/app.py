@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.store import AdapterStore
 from backbone.model_source import load_pretrained, served_model_name
+from backbone.precision import resolve_precision
 from backbone.tokenizer import Tokenizer
 from router.path_guard import PathGuard
 from router.request_router import RequestRouter
@@ -61,6 +62,8 @@ class ServerSettings:
     drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
     dashboard: bool = True  # GET /dashboard and the JSON it polls
     runs_dir: str | None = None  # training runs (folders with log.jsonl) the dashboard lists
+    device: str = "cpu"  # `loraplex serve` resolves auto (backbone/precision.py) before it gets here
+    dtype: str = "float32"
 
 
 @dataclass
@@ -156,7 +159,8 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainSt
     """Load the model, start the engine, register the configured adapters and tasks. Any bad
     adapter or task here stops startup: a server should not come up half-configured."""
     with serial_torch():  # the engine's worker is the one thread for parallel math
-        model, tokenizer = load_pretrained(settings.model)
+        precision = resolve_precision(settings.device, settings.dtype)
+        model, tokenizer = load_pretrained(settings.model, dtype=precision.dtype, device=precision.device)
         base_name = settings.served_model_name or served_model_name(settings.model)
         engine = Engine(model, tokenizer, settings.engine, base_name)
     engine.start()

@@ -17,6 +17,7 @@ from backbone.model import CausalLM
 from backbone.sampling import sample_next_tokens
 from server.batch_state import CachePool, Row
 from server.request_handle import Finished, TextDelta
+from server.slot_copies import SlotCopier, host_to_device
 
 # Right-padding id for prefill chunks of unequal length: a pad's key lands past the row's real
 # tokens and is overwritten before any real query can see it (backbone/kv_cache.py).
@@ -31,6 +32,7 @@ class BatchRunner:
         stop_token_ids: set[int],
         prefill_chunk: int,
         on_finish: Callable[[Row, Finished], None],
+        slot_copies: SlotCopier | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -38,6 +40,7 @@ class BatchRunner:
         self.prefill_chunk = prefill_chunk
         self._on_finish = on_finish  # the engine's bookkeeping when a row leaves
         self._device = model.inv_freq.device
+        self._slot_copies = slot_copies  # a batch waits for pending writes to the slots it reads
 
     def step(self, rows: list[Row]) -> None:
         """Advance every row by one step; finished rows are reported through `on_finish`."""
@@ -87,15 +90,17 @@ class BatchRunner:
             input_ids[index, :count] = torch.as_tensor(row.prompt[start : start + count])
         starts = torch.tensor([start for _, start, _ in chunks])
         positions = starts[:, None] + torch.arange(width)[None, :]  # (B, width)
-        self.pool.ensure_positions(int(positions.max()) + 1)
+        span = int(positions.max()) + 1  # on the host: no device sync
+        self.pool.ensure_positions(span)
         logits = self.model(
-            input_ids.to(self._device),
-            positions=positions.to(self._device),
+            host_to_device(input_ids, self._device),
+            positions=host_to_device(positions, self._device),
             cache=self.pool.cache,
             cache_rows=self._tensor([row.cache_row for row, _, _ in chunks]),
-            routing=_routing([row.slot for row, _, _ in chunks], self._device),
+            routing=self._routing([row.slot for row, _, _ in chunks]),
             logits_for="last",
             last_index=self._tensor([count - 1 for _, _, count in chunks]),
+            key_span=span,
         )[:, 0]  # (B, V)
         done = []
         for index, (row, start, count) in enumerate(chunks):
@@ -119,8 +124,9 @@ class BatchRunner:
             cache=self.pool.cache,
             # Rows 0..n-1 (the usual full batch) read the cache as a slice, not a gather.
             cache_rows=None if cache_rows == list(range(len(rows))) else self._tensor(cache_rows),
-            routing=_routing([row.slot for row in rows], self._device),
+            routing=self._routing([row.slot for row in rows]),
             logits_for="last",
+            key_span=max(positions) + 1,
         )[:, 0]  # (B, V)
         self._sample_and_accept(rows, logits)
 
@@ -147,10 +153,12 @@ class BatchRunner:
             self.finish(row, "length")
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self._device)
+        return host_to_device(torch.tensor(values, dtype=torch.long), self._device)
 
-
-def _routing(slots: list[int], device: torch.device) -> AdapterRouting | None:
-    if all(slot < 0 for slot in slots):
-        return None  # the base alone: skip the LoRA path entirely
-    return AdapterRouting(torch.tensor(slots, dtype=torch.long, device=device))
+    def _routing(self, slots: list[int]) -> AdapterRouting | None:
+        if all(slot < 0 for slot in slots):
+            return None  # the base alone: skip the LoRA path entirely
+        if self._slot_copies is not None:
+            self._slot_copies.ready(slot for slot in set(slots) if slot >= 0)
+        # Built on the host, so its derived fields cost no device sync, then moved.
+        return AdapterRouting(torch.tensor(slots, dtype=torch.long)).to(self._device, non_blocking=self._device.type == "cuda")

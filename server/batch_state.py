@@ -62,10 +62,18 @@ class CachePool:
     them (doubling, up to the limit), so a model with a long context does not reserve
     rows x max_context of memory up front."""
 
-    def __init__(self, config: ModelConfig, rows: int, max_positions: int, initial_positions: int = 256) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        rows: int,
+        max_positions: int,
+        initial_positions: int = 256,
+        dtype: torch.dtype = torch.float32,  # the model's dtype: keys and values are stored as computed
+        device: torch.device | str = "cpu",
+    ) -> None:
         self._config = config
         self.max_positions = max_positions
-        self.cache = KVCache.for_model(config, rows, min(initial_positions, max_positions))
+        self.cache = KVCache.for_model(config, rows, min(initial_positions, max_positions), dtype=dtype, device=device)
         # A min-heap: the lowest free row goes first, so a full batch occupies rows 0..n-1 and
         # decode reads the cache as one slice instead of gathering rows (BatchRunner._decode).
         self._free = list(range(rows))

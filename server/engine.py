@@ -23,6 +23,7 @@ from server.adapter_tiers import AdapterTiers, AdapterUnavailableError, Resident
 from server.batch_runner import BatchRunner
 from server.batch_state import CachePool, Row
 from server.compute_threads import claim_compute, serial_torch
+from server.device_memory import check_device_memory, plan_memory
 from server.engine_errors import (
     EngineStoppedError,
     InvalidRequestError,
@@ -59,6 +60,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step across new rows, so decoding rows don't stall long
     strict_base: bool = False  # refuse adapters that record another base model
     compute_threads: int | None = None  # the worker's parallelism; None = the usable cores
+    gpu_memory_fraction: float = 0.9  # share of a GPU's memory the server may use (KV cache, slots, activations)
 
 
 @dataclass
@@ -115,6 +117,11 @@ class Engine:
                 f"max_running ({config.max_running}) and prefill_chunk ({config.prefill_chunk}) must be >= 1 "
                 f"and max_queued ({config.max_queued}) >= 0"
             )
+        # A padded prefill chunk may write up to prefill_chunk positions past a prompt's end.
+        positions = self.max_context + config.prefill_chunk
+        device = model.inv_freq.device
+        plan = plan_memory(model, config.max_running, positions, config.max_loras, config.max_lora_rank, config.prefill_chunk)
+        check_device_memory(plan, device, config.gpu_memory_fraction)  # before anything is allocated
         layers = inject_lora(model, model.linear_modules(), num_slots=config.max_loras, max_rank=config.max_lora_rank)
         self._lock = threading.RLock()  # re-entered when an adapter call under it wakes the worker
         self._wakeup = threading.Condition(self._lock)
@@ -129,10 +136,16 @@ class Engine:
             served_model_name=served_model_name,
             wake=self._wake,
         )
-        # A padded prefill chunk may write up to prefill_chunk positions past a prompt's end.
-        self._pool = CachePool(model.config, config.max_running, self.max_context + config.prefill_chunk)
+        # The KV cache in the model dtype. On a GPU all positions are allocated now, as budgeted,
+        # so the cache never grows (or runs out) mid-request; a CPU grows it as sequences need.
+        self._pool = CachePool(
+            model.config, config.max_running, positions, dtype=model.lm_head.weight.dtype, device=device,
+            initial_positions=positions if device.type == "cuda" else 256,
+        )  # fmt: skip
         stop_ids = set(tokenizer.eos_token_ids or model.config.eos_token_ids)
-        self._runner = BatchRunner(model, self._pool, stop_ids, config.prefill_chunk, self._row_finished)
+        self._runner = BatchRunner(
+            model, self._pool, stop_ids, config.prefill_chunk, self._row_finished, slot_copies=self.tiers.copier
+        )
         self._queue: deque[_Pending] = deque()
         self._rows: list[Row] = []
         self._counters = _Counters()

@@ -10,6 +10,8 @@ config file holds the same settings under the flags' names, plus inline `api_key
     adapter_store: /shared/adapters   # with sync: true, serve every adapter of the store
     pinned: [summarize-v1]
     max_loras: 8
+    device: auto                 # auto | cpu | cuda | cuda:N
+    dtype: auto                  # auto | float32 | bfloat16 | float16
     api_keys: keys.yaml          # a file, or the mapping itself
 """
 
@@ -24,6 +26,7 @@ import yaml
 
 import uvicorn
 
+from backbone.precision import add_precision_args, resolve_precision
 from router.task_table import TaskRoute, check_name, parse_task_spec, route_from_json
 from server.app import ServerSettings, create_app
 from server.auth import ApiKeys
@@ -33,9 +36,10 @@ from server.engine import EngineConfig
 log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
-ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
+ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base",
+               "gpu_memory_fraction")  # fmt: skip
 SERVER_KEYS = (
-    "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard",
+    "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard", "device", "dtype",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
 )
 KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned", "runs_dir"}
@@ -86,6 +90,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-dashboard", dest="dashboard", action="store_false", default=None,
                        help="do not serve the web dashboard at /dashboard")
     serve.add_argument("--runs-dir", type=Path, help="folder of training runs (each with log.jsonl) the dashboard lists")
+    add_precision_args(serve, config_keys=True)  # None here: the config's `device`/`dtype`, else auto
+    serve.add_argument("--gpu-memory-fraction", type=float,
+                       help="share of the GPU's memory the server may use; the KV cache and adapter slots are "
+                            "sized at start and a configuration that does not fit fails then (default 0.9)")
     serve.set_defaults(run=run_serve)
 
 
@@ -114,10 +122,15 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
         "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base, "dashboard": args.dashboard,
+        "device": args.device, "dtype": args.dtype, "gpu_memory_fraction": args.gpu_memory_fraction,
         "adapter_store": args.adapter_store, "sync_store": args.sync_store,
         "store_poll_seconds": args.store_poll_seconds, "drain_timeout": args.drain_timeout,
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
+    # Resolved before the model loads, so a bad --device/--dtype is a one-line error at once.
+    precision = resolve_precision(merged.get("device") or "auto", merged.get("dtype") or "auto")
+    log.info("serving on %s in %s (%s)", precision.device, precision.dtype_name, precision.reason)
+    merged["device"], merged["dtype"] = str(precision.device), precision.dtype_name
 
     adapters = {name: str(_relative_to(base_dir, path)) for name, path in _mapping(config, "adapters").items()}
     for spec in args.adapter:

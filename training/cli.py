@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 
+from backbone.precision import add_precision_args, resolve_precision
 from training.config import config_reference, load_config
 from training.data import DATA_FORMATS
+
+log = logging.getLogger("loraplex.train")
 
 CONFIG_HELP = """\
 A YAML or JSON file. Minimal example (see examples/train_*.yaml):
@@ -41,6 +46,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="continue from a checkpoint: the latest in <output_dir>/checkpoints, or the file given",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate the config and the data, print the plan, do not train")
+    add_precision_args(parser, config_keys=True)  # None: the config's `device`/`dtype`, else auto
     parser.set_defaults(run=run_train)
     _add_compare_command(subparsers)
 
@@ -51,6 +57,10 @@ def run_train(args: argparse.Namespace) -> int:
     from training.recipe import MultiTaskTrainer, describe
 
     config = load_config(args.config)
+    # Flags, then the config's keys, then auto; resolved here so a bad value fails before any loading.
+    precision = resolve_precision(args.device or config.device or "auto", args.dtype or config.dtype or "auto")
+    config.device, config.dtype = str(precision.device), precision.dtype_name
+    log.info("device %s, dtype %s (%s)", precision.device, precision.dtype_name, precision.reason)
     if args.dry_run:
         trainer = MultiTaskTrainer(config)
         print(describe(config))
@@ -62,6 +72,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     summary = MultiTaskTrainer(config).train(resume=args.resume)
     print(json.dumps(summary, indent=2))
+    print(f"loraplex train: device {summary['device']}, dtype {summary['dtype']}, peak device memory "
+          f"{summary['peak_device_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     return 0
 
 
@@ -103,6 +115,7 @@ def _add_compare_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
+    add_precision_args(parser)
     parser.add_argument(
         "--generate", action="store_true",
         help="also generate greedy answers and report exact match with the reference (slower)",
@@ -122,12 +135,14 @@ def run_compare(args: argparse.Namespace) -> int:
                         ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    precision = resolve_precision(args.device, args.dtype)
+    log.info("device %s, dtype %s (%s)", precision.device, precision.dtype_name, precision.reason)
     eval_path = Path(args.eval)
     data_format = args.format or detect_format(eval_path)
     for arm, folder in (("A", args.a), ("B", args.b)):  # before the model loads: fail fast
         if not Path(folder).is_dir():
             raise AdapterNotFoundError(f"adapter {arm} folder {folder} does not exist; pass a PEFT adapter folder")
-    model, tokenizer = load_pretrained(args.model)
+    model, tokenizer = load_pretrained(args.model, dtype=precision.dtype, device=precision.device)
     data = load_task_file(eval_path, data_format, tokenizer, args.max_length)
     examples = data.examples[: args.max_examples]
     report = compare_adapters(

@@ -125,6 +125,9 @@ class TrainConfig:
     eval: EvalSettings = doc("evaluation and early stopping", default_factory=EvalSettings)
     checkpoint: CheckpointSettings = doc("checkpoints for --resume", default_factory=CheckpointSettings)
     seed: int = doc("seed of initialisation, sampling and surgery orders", default=0)
+    device: str | None = doc("auto | cpu | cuda | cuda:N (`loraplex train` default: auto; --device overrides)", default=None)
+    dtype: str | None = doc("the frozen base's dtype: auto | float32 | bfloat16 | float16 (`loraplex train` default: "
+                            "auto; --dtype overrides); LoRA weights and optimizer state are always float32", default=None)
     progress: bool = doc("show a progress bar", default=True)
     plots: bool = doc("write PNG plots at the end", default=True)
 

@@ -24,6 +24,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import AdapterSettings, TrainConfig
 from training.data import TaskData, load_task_file
 from training.data_prep import PrepSettings
+from training.device_setup import grad_scaler_for, model_precision, peak_memory_bytes, reset_peak_memory, training_precision
 from training.export import export_adapters
 from training.optim import build_optimizer, lr_multiplier, param_groups
 from training.report import RunLog, write_plots
@@ -52,8 +53,11 @@ class MultiTaskTrainer:
         self.config = config
         self.output = Path(config.output_dir)
         if model is None:
-            model, tokenizer = load_pretrained(config.model)
+            precision = training_precision(config.device, config.dtype)
+            model, tokenizer = load_pretrained(config.model, dtype=precision.dtype, device=precision.device)
         self.model, self.tokenizer = model, tokenizer
+        self.device, self.dtype = model_precision(model)
+        self.scaler = grad_scaler_for(model)
         self.base_name = served_model_name(config.model) if config.model == "default" else config.model
         self.task_names = [t.name for t in config.tasks]
         torch.manual_seed(config.seed)
@@ -154,6 +158,7 @@ class MultiTaskTrainer:
             "best_eval": self.best_eval,
             "evals_without_gain": self.evals_without_gain,
             "task_names": self.task_names,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -174,6 +179,8 @@ class MultiTaskTrainer:
         self.step = state["step"]
         self.best_eval = state["best_eval"]
         self.evals_without_gain = state["evals_without_gain"]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -190,11 +197,13 @@ class MultiTaskTrainer:
                 "data": {n: d.report() for n, d in self.train_data.items()},
                 "eval_data": {n: d.report() for n, d in self.eval_data.items()}})
         total = config.schedule.max_steps
+        reset_peak_memory(self.device)
+        log.info("training on %s in %s (LoRA weights and optimizer state float32)", self.device, _dtype_name(self.dtype))
         bar = _progress(total, self.step, config.progress)
         while self.step < total and not self.stopped_early:
             plan = self.planner.next_step()
             multiplier = lr_multiplier(self.step, total, config.schedule.warmup_steps, config.schedule.kind, config.schedule.min_lr_ratio)
-            stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(plan), multiplier, config.optimizer.clip_norm)
+            stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(plan), multiplier, config.optimizer.clip_norm, self.scaler)
             self.step += 1
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"the loss became {stats.loss} at step {self.step}; lower optimizer.lr or set optimizer.clip_norm")
@@ -212,7 +221,9 @@ class MultiTaskTrainer:
         if self.best_eval is None:
             self._export(self.output / "best")
         summary = {"steps": self.step, "stopped_early": self.stopped_early, "best_eval_loss": self.best_eval,
-                   "realised_mix": dict(zip([self.task_names[i] for i in self.trainable_tasks], self.planner.sampler.realised_mix()))}
+                   "realised_mix": dict(zip([self.task_names[i] for i in self.trainable_tasks], self.planner.sampler.realised_mix())),
+                   "device": str(self.device), "dtype": _dtype_name(self.dtype),
+                   "peak_device_memory_bytes": peak_memory_bytes(self.device)}
         _write_json(self.output / "summary.json", summary)
         if config.plots:
             write_plots(self.output / "log.jsonl", self.output / "plots", self.task_names)
@@ -264,6 +275,10 @@ class MultiTaskTrainer:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _progress(total: int, done: int, enabled: bool):

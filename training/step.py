@@ -34,11 +34,15 @@ class StepStats:
 
 
 def token_losses(model: CausalLM, adapters: TaskAdapters, batch: MicroBatch) -> torch.Tensor:
-    """(B, L) cross-entropy of each position's next token; 0 where the label is ignored."""
-    logits = model(batch.input_ids, routing=adapters.routing(batch.task_ids))  # (B, L, V)
+    """(B, L) cross-entropy of each position's next token, in fp32; 0 where the label is ignored."""
+    device = model.inv_freq.device
+    logits = model(batch.input_ids.to(device), routing=adapters.routing(batch.task_ids.to(device)))  # (B, L, V)
+    # The log-softmax over the vocabulary in fp32: in bf16 its sum of exponentials keeps 8 bits,
+    # which is visible in the loss and its gradients (a no-op for an fp32 model).
     flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        logits.reshape(-1, logits.shape[-1]).float(), batch.labels.to(device).reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    )  # fmt: skip
     return flat.view(batch.labels.shape)
 
 
@@ -50,20 +54,26 @@ def train_step(
     micro_batches: Sequence[MicroBatch],
     lr_multiplier: float,
     clip_norm: float | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
+    """`scaler`: a gradient scaler for an fp16 base, whose activation gradients underflow
+    unscaled; the step is skipped (and the scale lowered) when a gradient is not finite."""
     num_tasks = adapters.num_tasks
+    device = model.inv_freq.device
     total_tokens = sum(b.num_answer_tokens for b in micro_batches)
     if total_tokens == 0:
         raise ValueError("a training step has no answer tokens; every example lost its answer to truncation")
     optimizer.zero_grad(set_to_none=True)
     adapters.zero_task_grads()
-    task_loss_sums = torch.zeros(num_tasks, dtype=torch.float64)
+    # Summed on the device and read once at the end: no host sync per micro-batch.
+    task_loss_sums = torch.zeros(num_tasks, dtype=torch.float64, device=device)
     task_tokens = torch.zeros(num_tasks, dtype=torch.long)
     tokens = 0
     for batch in micro_batches:
         losses = token_losses(model, adapters, batch)  # (B, L)
-        (losses.sum() / total_tokens).backward()
-        task_loss_sums.index_add_(0, batch.task_ids, losses.detach().sum(1).double())
+        loss = losses.sum() / total_tokens
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        task_loss_sums.index_add_(0, batch.task_ids.to(device), losses.detach().sum(1).double())
         task_tokens += batch.task_answer_tokens(num_tasks)
         tokens += int(batch.lengths.sum())
     present = task_tokens > 0
@@ -74,9 +84,14 @@ def train_step(
             for param in adapters.slot_parameters(task):
                 param.grad = None
 
+    task_loss_sums = task_loss_sums.cpu()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the parameters' gradients; the bins are unscaled below
     cosines, conflicts = None, None
     if adapters.bins_task_grads:
         task_grads = adapters.shared_task_grads()  # (T, D)
+        if scaler is not None:
+            task_grads = task_grads / scaler.get_scale()
         matrix = cosine_matrix(task_grads)
         cosines, conflicts = matrix.tolist(), conflict_rate(matrix, present)
         # All T rows, not just the present tasks': a task without rows has a zero gradient, which
@@ -89,7 +104,11 @@ def train_step(
     if clip_norm is not None and clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
     set_lr(optimizer, lr_multiplier)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when unscale_ found an inf/nan (the shared bins sum to those grads)
+        scaler.update()
+    else:
+        optimizer.step()
     return StepStats(
         loss=float(task_loss_sums.sum() / total_tokens),
         task_loss=[float(task_loss_sums[t] / task_tokens[t]) if present[t] else None for t in range(num_tasks)],

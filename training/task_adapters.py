@@ -133,9 +133,10 @@ class TaskAdapters:
             return
         for module in self.plans[self.shared_slot].modules:
             layer = self.layers[module]
+            device = layer.weight.device  # fp32 bins, whatever the model dtype (adapters/binned_grad.py)
             layer.task_grads = TaskGradSink(
-                torch.zeros(self.num_tasks, layer.max_rank, layer.in_features),
-                torch.zeros(self.num_tasks, layer.out_features, layer.max_rank),
+                torch.zeros(self.num_tasks, layer.max_rank, layer.in_features, device=device),
+                torch.zeros(self.num_tasks, layer.out_features, layer.max_rank, device=device),
             )
 
     def zero_task_grads(self) -> None:

@@ -58,7 +58,8 @@ def test_generate_prompt_matches_transformers_greedy(tiny_chat_model, capsys):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_chat_model)
     expected = reference_greedy(load_reference(tiny_chat_model), tokenizer, tokenizer.encode("the quick brown"), 12)
-    out = run_cli(["generate", "--model", str(tiny_chat_model), "--prompt", "the quick brown", "--max-tokens", "12"], capsys)
+    out = run_cli(["generate", "--model", str(tiny_chat_model), "--prompt", "the quick brown", "--max-tokens", "12",
+                   "--dtype", "float32"], capsys)
     assert expected and out == expected + "\n"
 
 
@@ -69,7 +70,8 @@ def test_generate_chat_uses_the_template_and_matches_transformers(tiny_chat_mode
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the capital?"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     expected = reference_greedy(load_reference(tiny_chat_model), tokenizer, tokenizer.encode(prompt), 10)
-    argv = ["generate", "--model", str(tiny_chat_model), "--system", "be brief", "--chat", "what is the capital?"]
+    argv = ["generate", "--model", str(tiny_chat_model), "--system", "be brief", "--chat", "what is the capital?",
+            "--dtype", "float32"]
     assert expected and run_cli(argv + ["--max-tokens", "10"], capsys) == expected + "\n"
 
 
@@ -86,7 +88,8 @@ def test_generate_with_adapter_matches_peft(tiny_chat_model, tmp_path, capsys):
     prompt = tokenizer.encode("what is the")
     expected = reference_greedy(adapted, tokenizer, prompt, 10)
     plain = reference_greedy(load_reference(tiny_chat_model), tokenizer, prompt, 10)
-    argv = ["generate", "--model", str(tiny_chat_model), "--adapter", str(tmp_path / "adapter"), "--prompt", "what is the"]
+    argv = ["generate", "--model", str(tiny_chat_model), "--adapter", str(tmp_path / "adapter"), "--prompt", "what is the",
+            "--dtype", "float32"]
     out = run_cli(argv + ["--max-tokens", "10"], capsys)
     assert out == expected + "\n"
     assert expected != plain  # the adapter changes the output, so the comparison means something

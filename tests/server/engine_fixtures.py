@@ -44,13 +44,16 @@ def save_random_adapter(folder: Path, model_dir: Path, seed: int, rank: int = 4,
     return save_adapter(folder, weights)
 
 
-def reference_completion(model_dir: Path, adapter_dir: Path | None, prompt: list[int], params: SamplingParams) -> list[int]:
+def reference_completion(
+    model_dir: Path, adapter_dir: Path | None, prompt: list[int], params: SamplingParams, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[int]:
     """Tokens of `prompt` generated alone by backbone.generate, the adapter in a single slot."""
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=dtype, device=device)
     routing = None
     if adapter_dir is not None:
         layers = inject_lora(model, model.linear_modules(), num_slots=1, max_rank=8)
         write_to_slot(layers, 0, load_adapter(adapter_dir, model.config))
-        routing = AdapterRouting.single(0, 1)
+        routing = AdapterRouting(torch.zeros(1, dtype=torch.long, device=device))
     tokenizer = Tokenizer.from_folder(model_dir)
     return generate(model, [prompt], params, tokenizer=tokenizer, routing=routing)[0].token_ids

@@ -36,6 +36,8 @@ def test_run_writes_adapters_log_plots_and_checkpoints(first_run):
             assert (out / kind / task / "adapter_model.safetensors").is_file()
             assert (out / kind / "standalone" / task / "adapter_config.json").is_file()
     assert (out / "last" / "shared" / "adapter_config.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["device"], summary["dtype"]) == ("cpu", "float32") and summary["peak_device_memory_bytes"] > 0
     records = read_log(out / "log.jsonl")
     setup = records[0]
     assert setup["kind"] == "setup" and set(setup["mix"]) == {"add", "copy", "chat"}

@@ -71,6 +71,8 @@ def toy_config(root: Path, model_dir: Path, output: str, shared: bool = True, ma
         "checkpoint": {"every": 3, "keep": 5},
         "progress": False,
         "plots": False,
+        "device": "cpu",
+        "dtype": "float32",  # the exact path; `loraplex train` would pick auto
         "seed": 0,
     }
     if shared:

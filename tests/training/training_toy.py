@@ -32,9 +32,12 @@ def mixed_batch(num_tasks: int, rows_per_task: int, seed: int = 0) -> MicroBatch
     return collate(rows, pad_id=0)
 
 
-def tiny_adapters(model_dir: Path, num_tasks: int, shared: bool, r: int = 4, seed: int = 0, random_b: bool = False):
-    """(model, TaskAdapters) with `num_tasks` task adapters (+ a shared one), trainable."""
-    model = load_model(model_dir)
+def tiny_adapters(
+    model_dir: Path, num_tasks: int, shared: bool, r: int = 4, seed: int = 0, random_b: bool = False,
+    dtype: torch.dtype = torch.float32,
+):  # fmt: skip
+    """(model, TaskAdapters) with `num_tasks` task adapters (+ a shared one), trainable; the base in `dtype`."""
+    model = load_model(model_dir, dtype=dtype)
     targets = ["q_proj", "v_proj", "down_proj"]
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
     tasks = [AdapterSource(f"task{t}", config) for t in range(num_tasks)]
