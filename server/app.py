@@ -29,6 +29,7 @@ from router.task_table import TaskRoute, TaskTable
 from server.auth import OPEN_GRANT, ApiKeys, Grant
 from server.compute_threads import serial_torch
 from server.engine import Engine, EngineConfig
+from server.experiment_runtime import Experiments, build_experiments
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
 
@@ -44,6 +45,8 @@ class ServerSettings:
     served_model_name: str | None = None  # the base's name in `model` and `X-Adapter`; default from the model
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder, registered at startup
     tasks: dict[str, TaskRoute] = field(default_factory=dict)
+    experiments: dict[str, dict] = field(default_factory=dict)  # name -> PUT /v1/experiments body
+    state_dir: str | None = None  # experiments persist here (SQLite); None = in memory only
     api_keys: ApiKeys | None = None  # None = no authentication (bind to loopback)
     adapter_roots: list[str] = field(default_factory=list)  # where HTTP clients may load adapters from
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -66,6 +69,7 @@ class ServerState:
     router: RequestRouter
     guard: PathGuard
     metrics: ServerMetrics
+    experiments: Experiments
     started: float = field(default_factory=time.time)
 
 
@@ -87,17 +91,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
         finally:
             holder.pop("engine", None)
             state.engine.shutdown()
+            await state.experiments.drain()  # every handle has finished now: record the last outcomes
+            state.experiments.store.close()
 
     # The route modules import this module's dependencies, so they are imported here, not above.
     from server.routes_adapters import router as adapters_router
     from server.routes_completions import router as completions_router
+    from server.routes_experiments import router as experiments_router
     from server.routes_health import router as health_router
     from server.routes_tasks import router as tasks_router
 
     app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (completions_router, adapters_router, tasks_router, health_router):
+    for router in (completions_router, adapters_router, tasks_router, health_router, experiments_router):
         app.include_router(router)
     # Added last = outermost: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -151,10 +158,15 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState
                     "add them with --adapter NAME=PATH (or under `adapters:` in the config file)"
                 )
             tasks.put(task, route)
+
+        def adapter_names() -> set[str]:  # read per request: adapters load and unload at run time
+            return {info.name for info in engine.adapter_infos()}
+
+        experiments = build_experiments(settings.state_dir, settings.experiments, adapter_names, metrics.registry)
     except BaseException:
         engine.shutdown()
         raise
-    router = RequestRouter(tasks, lambda: {info.name for info in engine.adapter_infos()}, base_name)
+    router = RequestRouter(tasks, adapter_names, base_name, experiments)
     return ServerState(
         settings=settings,
         engine=engine,
@@ -165,6 +177,7 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState
         router=router,
         guard=PathGuard(settings.adapter_roots),
         metrics=metrics,
+        experiments=experiments,
     )
 
 

@@ -9,6 +9,8 @@ config file holds the same settings under the flags' names, plus inline `api_key
     adapter_roots: [/srv/adapters]
     max_loras: 8
     api_keys: keys.yaml          # a file, or the mapping itself
+    state_dir: /var/lib/loraplex # experiments persist here
+    experiments: {qa-v2: {task: qa, control: a, arms: [{name: a, adapter: qa-a, weight: 1}, {name: b, adapter: qa-b, weight: 1}]}}
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ log = logging.getLogger("loraplex.serve")
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
 SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes")
-KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
+KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "state_dir", "experiments"}
 
 
 class ServeConfigError(ValueError):
@@ -64,6 +66,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="folder HTTP clients may load adapters from (repeatable); none = HTTP loading off")
     serve.add_argument("--strict-base", action="store_true", default=None,
                        help="refuse adapters that record another base model")
+    serve.add_argument("--state-dir", type=Path,
+                       help="folder for state that survives restarts (experiments, in SQLite); default: none, kept in memory")
     serve.set_defaults(run=run_serve)
 
 
@@ -117,8 +121,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
     server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
+    state_dir = args.state_dir or (_relative_to(base_dir, config["state_dir"]) if config.get("state_dir") else None)
     return ServerSettings(
-        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields
+        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields,
+        experiments=_mapping(config, "experiments"), state_dir=str(state_dir) if state_dir else None,
     )
 
 
