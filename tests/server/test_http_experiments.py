@@ -14,6 +14,7 @@ import pytest
 from backbone.sampling import SamplingParams
 from router.task_table import TaskRoute
 from server.app import ServerSettings
+from server.cli import main
 from server.request_handle import GenerationRequest
 from test_http_harness import LiveServer, live_server, make_adapters, make_model_folder
 
@@ -86,7 +87,7 @@ def summary_when(server: LiveServer, name: str, ready, timeout: float = 60.0) ->
             time.sleep(0.05)
 
 
-def test_experiment_end_to_end_with_feedback_and_shadow(server):
+def test_experiment_end_to_end_with_feedback_and_shadow(server, tmp_path):
     with http(server) as h:
         created = h.put("/v1/experiments/exp", json={
             "task": "qa", "arms": arms(a="alpha", b="beta"), "control": "a", "shadow": {"adapter": "cand", "rate": 1.0},
@@ -139,6 +140,11 @@ def test_experiment_end_to_end_with_feedback_and_shadow(server):
         assert len(outputs) == REQUESTS
         assert all(row["shadow_text"] == expected_text["cand"] and row["finish_reason"] == "length" for row in outputs)
         assert all(row["live_text"] == expected_text[{"a": "alpha", "b": "beta"}[row["live_arm"]]] for row in outputs)
+
+        out = tmp_path / "report"
+        assert main(["experiment", "report", "exp", "--server", server.base_url, "--out", str(out)]) == 0
+        assert f"| b vs a | reward | {reward['diff']:.4g} |" in (out / "report.md").read_text()
+        assert (out / "reward_over_time.png").stat().st_size > 0
 
         metrics = h.get("/metrics").text
         assert 'loraplex_experiment_requests_total{arm="a",experiment="exp"}' in metrics
