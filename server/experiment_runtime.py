@@ -154,7 +154,10 @@ class Experiments:
                arrival: float) -> RequestHandle:
         """Submit the live request, then (maybe) its shadow copy; record both in the background."""
         name, arm = decision.experiment, decision.arm
-        experiment = self.get(name)
+        with self._lock:
+            experiment = self._by_name.get(name)
+        if experiment is None:  # deleted since routing: serve the request, record nothing
+            return engine.submit(request)
         self.metrics.requests.labels(name, arm).inc()
         try:
             handle = engine.submit(request)
@@ -185,6 +188,8 @@ class Experiments:
 
     async def _record_live(self, name: str, arm: str, handle: RequestHandle, arrival: float) -> None:
         finished = await _finished(handle)
+        if not self._exists(name):
+            return  # deleted while this request ran: its counters are gone with it
         self.store.add(name, arm, _outcome_counters(finished), _latency_bins(finished, arrival))
         if finished.finish_reason == "error":
             self.metrics.errors.labels(name, arm).inc()
@@ -194,10 +199,16 @@ class Experiments:
                              shadow: RequestHandle, arrival: float) -> None:
         finished = await _finished(shadow)
         live_finished = await _finished(live)
+        if not self._exists(name):
+            return
         self.store.add(name, SHADOW_ARM, _outcome_counters(finished), _latency_bins(finished, arrival))
         self.store.record_shadow(name, request_id, live_arm, live_finished.text, finished.text,
                                  finished.finish_reason, finished.error)
         self.metrics.shadow.labels(name, "error" if finished.finish_reason == "error" else "recorded").inc()
+
+    def _exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._by_name
 
     async def drain(self) -> None:
         """Wait for the background recorders (tests, and shutdown after the engine has stopped)."""
@@ -231,7 +242,7 @@ class Experiments:
 
     def _maybe_snapshot(self, name: str) -> None:
         now = time.time()
-        if now - self._last_snapshot.get(name, 0.0) >= self.snapshot_interval_s and name in self._by_name:
+        if now - self._last_snapshot.get(name, 0.0) >= self.snapshot_interval_s and self._exists(name):
             self._last_snapshot[name] = now
             self.store.snapshot(name, now)
 
