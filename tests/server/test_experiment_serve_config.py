@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
+from router.experiments import assign
 from server.cli import build_parser
 from server.experiment_runtime import ExperimentAdapterError, build_experiments
 from server.serve_command import settings_from_args
@@ -31,9 +32,12 @@ def test_configured_experiment_replaces_the_stored_definition_and_keeps_its_coun
     first = build_experiments(str(tmp_path), {"qa-v2": EXPERIMENT}, lambda: {"qa-a", "qa-b"}, CollectorRegistry())
     arm = first.assign(first.experiment_on("qa"), "user-1", "r1")
     first.store.close()
-    reweighted = {**EXPERIMENT, "arms": [{**a, "weight": w} for a, w in zip(EXPERIMENT["arms"], (3, 1))]}
+    # Nearly all of that arm's weight goes: the bucket table now sends user-1 elsewhere...
+    reweighted = {**EXPERIMENT, "arms": [{**a, "weight": 1e-4 if a["name"] == arm.name else 1} for a in EXPERIMENT["arms"]]}
     again = build_experiments(str(tmp_path), {"qa-v2": reweighted}, lambda: {"qa-a", "qa-b"}, CollectorRegistry())
-    assert [a.weight for a in again.get("qa-v2").arms] == [3.0, 1.0]
+    assert sorted(a.weight for a in again.get("qa-v2").arms) == [1e-4, 1.0]
+    assert assign(again.get("qa-v2"), "user-1").name != arm.name
+    # ...but the unit keeps the arm it was first given.
     assert again.assign(again.experiment_on("qa"), "user-1", "r2").name == arm.name  # remembered across the restart
     assert again.summary("qa-v2")["arms"][[a.name for a in again.get("qa-v2").arms].index(arm.name)]["assignments"] == 1
     again.store.close()
