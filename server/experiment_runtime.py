@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Summary
 
@@ -21,6 +23,7 @@ from router.experiments import Arm, Experiment, assign, experiment_from_json, mi
 from router.feedback_index import FeedbackIndex
 from router.latency_histogram import bin_of
 from router.request_router import RouteDecision
+from server.engine import Engine
 from server.experiment_store import ExperimentStore
 from server.experiment_summary import SHADOW_ARM, summarize
 from server.request_handle import Finished, GenerationRequest, RequestHandle
@@ -140,17 +143,21 @@ class Experiments:
         """The unit's remembered arm if it still exists, else the bucket table's (remembered)."""
         key = request_id if experiment.unit == "request" else user_key
         unit = hashlib.sha256(key.encode()).hexdigest()[:32]  # raw user ids stay out of the state file
-        remembered = self.store.remembered_arm(experiment.name, unit)
-        arm = experiment.arm(remembered) if remembered else None
-        if arm is None or arm.weight == 0:
+        try:
+            remembered = self.store.remembered_arm(experiment.name, unit)
+            arm = experiment.arm(remembered) if remembered else None
+            if arm is None or arm.weight == 0:
+                arm = assign(experiment, key)
+                self.store.remember_unit(experiment.name, unit, arm.name, experiment.shares())
+                self.metrics.assignments.labels(experiment.name, arm.name).inc()
+        except sqlite3.Error:  # the state file is unwritable: serve from the bucket table, say so
+            log.exception("experiment %s: cannot read or remember unit assignments", experiment.name)
             arm = assign(experiment, key)
-            self.store.remember_unit(experiment.name, unit, arm.name, experiment.shares())
-            self.metrics.assignments.labels(experiment.name, arm.name).inc()
         return arm
 
     # ---- requests --------------------------------------------------------------------------
 
-    def submit(self, engine, request: GenerationRequest, decision: RouteDecision, request_id: str,
+    def submit(self, engine: Engine, request: GenerationRequest, decision: RouteDecision, request_id: str,
                arrival: float) -> RequestHandle:
         """Submit the live request, then (maybe) its shadow copy; record both in the background."""
         name, arm = decision.experiment, decision.arm
@@ -181,8 +188,8 @@ class Experiments:
             self._spawn(self._record_shadow(name, arm, request_id, handle, shadow_handle, arrival))
         return handle
 
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(_logged(coroutine))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -245,6 +252,14 @@ class Experiments:
         if now - self._last_snapshot.get(name, 0.0) >= self.snapshot_interval_s and self._exists(name):
             self._last_snapshot[name] = now
             self.store.snapshot(name, now)
+
+
+async def _logged(coroutine: Coroutine[Any, Any, None]) -> None:
+    """A recorder's failure (say, a full disk) is logged; it never reaches a live request."""
+    try:
+        await coroutine
+    except Exception:
+        log.exception("recording an experiment outcome failed")
 
 
 async def _finished(handle: RequestHandle) -> Finished:
