@@ -46,3 +46,10 @@ def test_configured_experiment_replaces_the_stored_definition_and_keeps_its_coun
 def test_configured_experiment_on_a_missing_adapter_stops_startup(tmp_path):
     with pytest.raises(ExperimentAdapterError, match="'qa-b'"):
         build_experiments(None, {"qa-v2": EXPERIMENT}, lambda: {"qa-a"}, CollectorRegistry())
+
+
+def test_an_unusable_state_file_still_assigns_from_the_bucket_table(tmp_path):
+    experiments = build_experiments(str(tmp_path), {"qa-v2": EXPERIMENT}, lambda: {"qa-a", "qa-b"}, CollectorRegistry())
+    experiments.store.close()  # every read and write now raises sqlite3.ProgrammingError
+    experiment = experiments.experiment_on("qa")
+    assert experiments.assign(experiment, "user-1", "r1") == assign(experiment, "user-1")
