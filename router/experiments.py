@@ -45,12 +45,20 @@ class Experiment:
     unit: str = "user"
     shadow: Shadow | None = None
     status: str = "running"
+    start_at: float | None = None  # unix time it starts routing (None = at once)
+    stop_at: float | None = None  # unix time it stops routing (None = when stopped or deleted)
     # bucket -> index into `arms`; filled by `with_buckets`
     buckets: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def running(self) -> bool:
+        """Switched on (it holds its task), whether or not its time window is open."""
         return self.status == "running"
+
+    def routes_at(self, now: float) -> bool:
+        """Switched on and inside its start/stop window: it routes its task's requests now."""
+        started = self.start_at is None or now >= self.start_at
+        return self.running and started and (self.stop_at is None or now < self.stop_at)
 
     @property
     def adapters(self) -> list[str]:
@@ -73,6 +81,8 @@ class Experiment:
             "unit": self.unit,
             "shadow": {"adapter": self.shadow.adapter, "rate": self.shadow.rate} if self.shadow else None,
             "status": self.status,
+            "start_at": self.start_at,
+            "stop_at": self.stop_at,
         }
 
 
@@ -81,7 +91,7 @@ def experiment_from_json(name: str, body: object) -> Experiment:
     check_name(name, "experiment")
     if not isinstance(body, dict):
         raise ExperimentError(f"experiment {name!r} must be an object with task, arms and control")
-    unknown = sorted(set(body) - {"name", "task", "arms", "control", "unit", "shadow", "status"})
+    unknown = sorted(set(body) - {"name", "task", "arms", "control", "unit", "shadow", "status", "start_at", "stop_at"})
     if unknown:
         raise ExperimentError(f"experiment {name!r}: unknown field(s) {unknown}")
     task = check_name(body.get("task"), "task")
@@ -110,7 +120,19 @@ def experiment_from_json(name: str, body: object) -> Experiment:
     status = body.get("status", "running")
     if status not in STATUSES:
         raise ExperimentError(f"status {status!r} must be one of {list(STATUSES)}")
-    return Experiment(name, task, tuple(arms), control, unit, _shadow_from_json(body.get("shadow")), status)
+    start_at, stop_at = _unix_time(body.get("start_at"), "start_at"), _unix_time(body.get("stop_at"), "stop_at")
+    if start_at is not None and stop_at is not None and stop_at <= start_at:
+        raise ExperimentError(f"stop_at ({stop_at}) must come after start_at ({start_at})")
+    shadow = _shadow_from_json(body.get("shadow"))
+    return Experiment(name, task, tuple(arms), control, unit, shadow, status, start_at, stop_at)
+
+
+def _unix_time(value: object, field_name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ExperimentError(f"{field_name} {value!r} must be a unix time in seconds, or null")
+    return float(value)
 
 
 def _shadow_from_json(raw: object) -> Shadow | None:

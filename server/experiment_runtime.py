@@ -130,6 +130,7 @@ class Experiments:
     def summary(self, name: str) -> dict:
         experiment = self.get(name)
         summary = summarize(experiment, self.store.counters(name), self.store.latency_bins(name), self.store.labels(name))
+        summary["routing"] = experiment.routes_at(time.time())  # running and inside its start/stop window
         summary["feedback_index"] = self.index.describe()
         return summary
 
@@ -137,7 +138,8 @@ class Experiments:
 
     def experiment_on(self, task: str) -> Experiment | None:
         with self._lock:
-            return next((e for e in self._by_name.values() if e.running and e.task == task), None)
+            now = time.time()
+            return next((e for e in self._by_name.values() if e.routes_at(now) and e.task == task), None)
 
     def assign(self, experiment: Experiment, user_key: str, request_id: str) -> Arm:
         """The unit's remembered arm if it still exists, else the bucket table's (remembered)."""

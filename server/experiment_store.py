@@ -188,6 +188,7 @@ def _experiment(definition: str, buckets: str) -> Experiment:
     shadow = raw.get("shadow")
     return Experiment(
         name=raw["name"], task=raw["task"], control=raw["control"], unit=raw["unit"], status=raw["status"],
+        start_at=raw.get("start_at"), stop_at=raw.get("stop_at"),
         arms=tuple(Arm(arm["name"], arm["adapter"], arm["weight"]) for arm in raw["arms"]),
         shadow=Shadow(shadow["adapter"], shadow["rate"]) if shadow else None,
         buckets=tuple(json.loads(buckets)),

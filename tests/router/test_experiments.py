@@ -88,3 +88,14 @@ def test_shadow_rate_mirrors_about_that_share_of_requests():
 def test_malformed_experiments_are_refused_with_the_reason(body, message):
     with pytest.raises(ExperimentError, match=message):
         experiment_from_json("exp", body)
+
+
+def test_start_and_stop_times_bound_when_the_experiment_routes():
+    body = {"task": "qa", "arms": [{"name": "a", "adapter": "x"}], "start_at": 100, "stop_at": 200}
+    experiment = experiment_from_json("exp", body)
+    assert [experiment.routes_at(t) for t in (99.9, 100, 199.9, 200)] == [False, True, True, False]
+    assert not experiment_from_json("exp", {**body, "status": "stopped"}).routes_at(150)
+    with pytest.raises(ExperimentError, match="stop_at .* must come after start_at"):
+        experiment_from_json("exp", {**body, "stop_at": 50})
+    with pytest.raises(ExperimentError, match="unix time"):
+        experiment_from_json("exp", {**body, "start_at": "tomorrow"})

@@ -29,3 +29,14 @@ def test_thumbs_and_labels_are_counted_per_arm_and_compared_as_rates():
     assert rate["diff"] == pytest.approx(0.5)
     with pytest.raises(UnknownFeedbackRequestError, match="'nobody'"):
         experiments.feedback("nobody", 1.0, None, None)
+
+
+def test_an_experiment_routes_only_inside_its_window(tmp_path):
+    experiments = build_experiments(str(tmp_path), {"later": {**EXPERIMENT, "start_at": 4_000_000_000}},
+                                    lambda: {"qa-a", "qa-b"}, CollectorRegistry())
+    assert experiments.experiment_on("qa") is None and experiments.summary("later")["routing"] is False
+    experiments.put("later", {**EXPERIMENT, "stop_at": 4_000_000_000})
+    assert experiments.experiment_on("qa").name == "later"
+    experiments.store.close()
+    reopened = build_experiments(str(tmp_path), {}, lambda: {"qa-a", "qa-b"}, CollectorRegistry())
+    assert reopened.get("later").stop_at == 4_000_000_000  # the window survives a restart
