@@ -25,7 +25,7 @@ from router.latency_histogram import bin_of
 from router.request_router import RouteDecision
 from server.engine import Engine
 from server.experiment_store import ExperimentStore
-from server.experiment_summary import SHADOW_ARM, summarize
+from server.experiment_summary import SHADOW_ARM, VERSION_PREFIX, summarize
 from server.request_handle import Finished, GenerationRequest, RequestHandle
 
 log = logging.getLogger("loraplex.experiments")
@@ -199,7 +199,9 @@ class Experiments:
         finished = await _finished(handle)
         if not self._exists(name):
             return  # deleted while this request ran: its counters are gone with it
-        self.store.add(name, arm, _outcome_counters(finished), _latency_bins(finished, arrival))
+        # Which version answered: a hot swap mid-experiment shows up in the arm's figures.
+        served = {f"{VERSION_PREFIX}{handle.adapter.version}": 1} if handle.adapter else {}
+        self.store.add(name, arm, _outcome_counters(finished) | served, _latency_bins(finished, arrival))
         if finished.finish_reason == "error":
             self.metrics.errors.labels(name, arm).inc()
         self._maybe_snapshot(name)

@@ -9,6 +9,7 @@ from router.experiments import Experiment
 from router.latency_histogram import quantile
 
 SHADOW_ARM = "(shadow)"  # the shadow's counters; parentheses keep it apart from any arm name
+VERSION_PREFIX = "version:"  # counters of requests per adapter version that answered
 
 
 def reward_moments(counters: dict[str, float]) -> Moments:
@@ -91,6 +92,8 @@ def _arm_figures(experiment: Experiment, name: str, counters: dict[str, float],
         "thumbs_count": thumbs.count,
         "thumbs_up_rate": _finite(thumbs.mean),
         "labels": labels.get(name, {}),
+        "versions": {metric.removeprefix(VERSION_PREFIX): int(count)
+                     for metric, count in sorted(counters.items()) if metric.startswith(VERSION_PREFIX)},
     }
 
 

@@ -128,6 +128,7 @@ def test_experiment_end_to_end_with_feedback_and_shadow(server, tmp_path):
             assert figures["feedback_count"] == figures["reward_count"] == len(sent[arm])
             assert figures["reward_mean"] == pytest.approx(sum(sent[arm]) / len(sent[arm]))
             assert figures["completion_tokens"] == MAX_TOKENS * len(sent[arm])
+            assert figures["versions"] == {"1": len(sent[arm])}
             assert figures["ttft_p50_s"] is not None and figures["latency_p95_s"] >= figures["ttft_p50_s"]
         (reward,) = [c for c in summary["comparisons"] if c["metric"] == "reward"]
         mean_a, mean_b = (sum(sent[k]) / len(sent[k]) for k in ("a", "b"))
