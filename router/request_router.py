@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.ab_test import choose_arm
+from router.experiments import Arm, Experiment
 from router.task_table import TaskTable
 
 
@@ -49,6 +50,15 @@ class NamePolicy(Protocol):
     def allows_adapter(self, adapter: str) -> bool: ...
 
 
+class ExperimentSource(Protocol):
+    """Running experiments by task, and the (sticky) arm of a unit; the server's experiment
+    store implements it."""
+
+    def experiment_on(self, task: str) -> Experiment | None: ...
+
+    def assign(self, experiment: Experiment, user_key: str, request_id: str) -> Arm: ...
+
+
 class AllowAll:
     def allows_task(self, task: str) -> bool:
         return True
@@ -62,13 +72,22 @@ class RouteDecision:
     adapter: str | None  # None = the base model alone
     task: str | None = None  # the task the request came through, if any
     ab_arm: bool = False  # the adapter was drawn from A/B arms
+    experiment: str | None = None  # the running experiment that chose the adapter, if any
+    arm: str | None = None  # that experiment's arm
 
 
 class RequestRouter:
-    def __init__(self, tasks: TaskTable, adapter_names: Callable[[], set[str]], base_name: str) -> None:
+    def __init__(
+        self,
+        tasks: TaskTable,
+        adapter_names: Callable[[], set[str]],
+        base_name: str,
+        experiments: ExperimentSource | None = None,
+    ) -> None:
         self.tasks = tasks
         self.adapter_names = adapter_names  # read per request: adapters load and unload at run time
         self.base_name = base_name
+        self.experiments = experiments
 
     def route(
         self,
@@ -76,11 +95,21 @@ class RequestRouter:
         task_header: str | None,
         user_key: str,
         policy: NamePolicy | None = None,
+        request_id: str | None = None,
     ) -> RouteDecision:
-        """`user_key` fixes the A/B arm (the `user` field, `X-User-Id`, else the request id)."""
+        """`user_key` fixes the A/B arm (the `user` field, `X-User-Id`, else the request id). A
+        running experiment on the task takes precedence over the task table's arms."""
         policy = policy or AllowAll()
         model = model or None
+        request_id = request_id or user_key
         if task_header is not None:
+            if policy.allows_task(task_header) and (held := self._experiment_on(task_header)):
+                if model is not None and model not in (self.base_name, task_header):
+                    raise RoutingConflictError(
+                        f"X-Task-Id {task_header!r} is in experiment {held.name!r}, which picks the adapter, but "
+                        f"model is {model!r}; send model {self.base_name!r} or {task_header!r} with the header"
+                    )
+                return self._through_experiment(held, task_header, user_key, request_id)
             return self._route_task_header(task_header, model, user_key, policy)
         if model is None or model == self.base_name:
             return RouteDecision(adapter=None)
@@ -90,6 +119,8 @@ class RequestRouter:
             raise AccessDeniedError("model", model)
         # The task table wins over a same-named adapter: it is the operator's explicit routing
         # (A/B arms, a pinned version) and the adapter stays reachable through its own task.
+        if may_task and (held := self._experiment_on(model)):
+            return self._through_experiment(held, model, user_key, request_id)
         if may_task and model in self.tasks:
             return self._through_task(model, user_key)
         if may_adapter and model in self.adapter_names():
@@ -114,3 +145,10 @@ class RequestRouter:
     def _through_task(self, task: str, user_key: str) -> RouteDecision:
         route = self.tasks.get(task)
         return RouteDecision(adapter=choose_arm(task, route, user_key), task=task, ab_arm=route.is_ab)
+
+    def _experiment_on(self, task: str) -> Experiment | None:
+        return self.experiments.experiment_on(task) if self.experiments is not None else None
+
+    def _through_experiment(self, experiment: Experiment, task: str, user_key: str, request_id: str) -> RouteDecision:
+        arm = self.experiments.assign(experiment, user_key, request_id)  # type: ignore[union-attr]
+        return RouteDecision(adapter=arm.adapter, task=task, ab_arm=True, experiment=experiment.name, arm=arm.name)

@@ -32,6 +32,7 @@ from server.auth import OPEN_GRANT, ApiKeys, Grant
 from server.compute_threads import serial_torch
 from server.drain import DrainMiddleware, DrainState
 from server.engine import Engine, EngineConfig
+from server.experiment_runtime import Experiments, build_experiments
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
 from server.store_sync import StoreSync
@@ -48,6 +49,8 @@ class ServerSettings:
     served_model_name: str | None = None  # the base's name in `model` and `X-Adapter`; default from the model
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder, registered at startup
     tasks: dict[str, TaskRoute] = field(default_factory=dict)
+    experiments: dict[str, dict] = field(default_factory=dict)  # name -> PUT /v1/experiments body
+    state_dir: str | None = None  # experiments persist here (SQLite); None = in memory only
     api_keys: ApiKeys | None = None  # None = no authentication (bind to loopback)
     adapter_roots: list[str] = field(default_factory=list)  # where HTTP clients may load adapters from
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -80,6 +83,7 @@ class ServerState:
     guard: PathGuard
     metrics: ServerMetrics
     drain: DrainState
+    experiments: Experiments
     store: AdapterStore | None = None
     store_sync: StoreSync | None = None
     started: float = field(default_factory=time.time)
@@ -109,17 +113,20 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
                 state.store_sync.stop()
             holder.pop("engine", None)
             state.engine.shutdown()
+            await state.experiments.drain()  # every handle has finished now: record the last outcomes
+            state.experiments.store.close()
 
     # The route modules import this module's dependencies, so they are imported here, not above.
     from server.routes_adapters import router as adapters_router
     from server.routes_completions import router as completions_router
+    from server.routes_experiments import router as experiments_router
     from server.routes_health import router as health_router
     from server.routes_tasks import router as tasks_router
 
     app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (completions_router, adapters_router, tasks_router, health_router):
+    for router in (completions_router, adapters_router, tasks_router, health_router, experiments_router):
         app.include_router(router)
     if settings.dashboard:
         from server.routes_dashboard import install_dashboard
@@ -189,10 +196,15 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainSt
                     "add them with --adapter NAME=PATH (or under `adapters:` in the config file)"
                 )
             tasks.put(task, route)
+
+        def adapter_names() -> set[str]:  # read per request: adapters load and unload at run time
+            return {info.name for info in engine.adapter_infos()}
+
+        experiments = build_experiments(settings.state_dir, settings.experiments, adapter_names, metrics.registry)
     except BaseException:
         engine.shutdown()
         raise
-    router = RequestRouter(tasks, lambda: {info.name for info in engine.adapter_infos()}, base_name)
+    router = RequestRouter(tasks, adapter_names, base_name, experiments)
     return ServerState(
         settings=settings,
         engine=engine,
@@ -206,6 +218,7 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainSt
         drain=drain,
         store=store,
         store_sync=sync,
+        experiments=experiments,
     )
 
 

@@ -9,7 +9,9 @@ import logging
 import sys
 
 # Packages that add subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ("server.serve_command", "backbone.cli", "server.generate_command", "adapters.cli", "training.cli")
+COMMAND_MODULES = (
+    "server.serve_command", "server.experiment_report", "backbone.cli", "server.generate_command", "adapters.cli", "training.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -319,7 +319,7 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            waiting = list(self._queue)
+            waiting = sorted(self._queue, key=lambda pending: pending.request.priority)  # stable: FIFO within a priority
         admitted: set[int] = set()
         try:
             for pending in waiting:

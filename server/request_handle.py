@@ -23,6 +23,7 @@ class GenerationRequest:
     params: SamplingParams
     adapter: str | None = None  # adapter name; None = the base model
     request_id: str = field(default_factory=lambda: uuid4().hex)
+    priority: int = 0  # admission order among waiting requests: lower first (shadow copies wait behind live ones)
 
 
 @dataclass

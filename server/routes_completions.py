@@ -76,7 +76,7 @@ async def _generate(
         raise ApiError(400, f"n={body.n} is not supported; send n=1 and repeat the request for more choices", param="n")
     request_id = request.state.request_id
     user_key = body.user or request.headers.get("x-user-id") or request_id
-    decision = state.router.route(body.model, request.headers.get("x-task-id"), user_key, grant)
+    decision = state.router.route(body.model, request.headers.get("x-task-id"), user_key, grant, request_id)
     label = decision.adapter or state.base_name
     request.state.adapter_label = label
     endpoint = "chat" if chat else "completions"
@@ -92,8 +92,14 @@ async def _generate(
         seed=body.seed,
         stop=list(body.stop),
     )
-    handle = state.engine.submit(GenerationRequest(prompt_ids, params, adapter=decision.adapter))
+    live = GenerationRequest(prompt_ids, params, adapter=decision.adapter)
+    if decision.experiment is None:
+        handle = state.engine.submit(live)
+    else:  # the experiment records the outcome and may mirror the request to its shadow adapter
+        handle = state.experiments.submit(state.engine, live, decision, request_id, request.state.arrival)
     headers = {"X-Adapter": handle.adapter.key if handle.adapter else state.base_name}
+    if decision.experiment is not None:
+        headers |= {"X-Experiment": decision.experiment, "X-Experiment-Arm": decision.arm}
     reply = Reply(
         id=("chatcmpl-" if chat else "cmpl-") + uuid4().hex,
         model=body.model or state.base_name,

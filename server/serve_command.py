@@ -13,6 +13,8 @@ config file holds the same settings under the flags' names, plus inline `api_key
     device: auto                 # auto | cpu | cuda | cuda:N
     dtype: auto                  # auto | float32 | bfloat16 | float16
     api_keys: keys.yaml          # a file, or the mapping itself
+    state_dir: /var/lib/loraplex # experiments persist here
+    experiments: {qa-v2: {task: qa, control: a, arms: [{name: a, adapter: qa-a, weight: 1}, {name: b, adapter: qa-b, weight: 1}]}}
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ SERVER_KEYS = (
     "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard", "device", "dtype",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
 )
-KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned", "runs_dir"}
+KNOWN_KEYS = {
+    *ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned", "runs_dir", "state_dir", "experiments",
+}
 
 
 class ServeConfigError(ValueError):
@@ -94,6 +98,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--gpu-memory-fraction", type=float,
                        help="share of the GPU's memory the server may use; the KV cache and adapter slots are "
                             "sized at start and a configuration that does not fit fails then (default 0.9)")
+    serve.add_argument("--state-dir", type=Path,
+                       help="folder for state that survives restarts (experiments, in SQLite); default: none, kept in memory")
     serve.set_defaults(run=run_serve)
 
 
@@ -167,9 +173,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if server_fields.get("sync_store") and "adapter_store" not in server_fields:
         raise ServeConfigError("--sync follows an adapter store: give it with --adapter-store DIR")
     pinned = list(config.get("pinned") or []) + list(args.pin)
+    state_dir = args.state_dir or (_relative_to(base_dir, config["state_dir"]) if config.get("state_dir") else None)
     return ServerSettings(
         adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, pinned=pinned,
         runs_dir=str(runs_dir) if runs_dir is not None else None, **server_fields,
+        experiments=_mapping(config, "experiments"), state_dir=str(state_dir) if state_dir else None,
     )
 
 

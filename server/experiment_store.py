@@ -1,0 +1,195 @@
+"""Experiments on disk: definitions, counters, remembered units, history and shadow outputs in one
+SQLite file in the server's state folder.
+
+SQLite because every update is a small read-modify-write that must survive a crash whole: a
+transaction commits all of a request's counters or none of them, the write-ahead log keeps the
+file consistent if the process dies mid-write, and the standard library ships it. Without a
+state folder the store lives in memory and experiments end with the process."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from router.experiments import Arm, Experiment, Shadow
+
+DB_NAME = "experiments.sqlite"
+SHADOW_OUTPUTS_KEPT = 1000  # per experiment, newest first; older ones are deleted
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experiments (
+    name TEXT PRIMARY KEY, definition TEXT NOT NULL, buckets TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (
+    experiment TEXT, arm TEXT, metric TEXT, value REAL NOT NULL, PRIMARY KEY (experiment, arm, metric))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS latency_bins (
+    experiment TEXT, arm TEXT, kind TEXT, bin INTEGER, count INTEGER NOT NULL,
+    PRIMARY KEY (experiment, arm, kind, bin)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS labels (
+    experiment TEXT, arm TEXT, label TEXT, count INTEGER NOT NULL, PRIMARY KEY (experiment, arm, label))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS units (
+    experiment TEXT, unit TEXT, arm TEXT NOT NULL, PRIMARY KEY (experiment, unit)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (experiment TEXT, at REAL, counters TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_by_experiment ON history (experiment, at);
+CREATE TABLE IF NOT EXISTS shadow_outputs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT, request_id TEXT, at REAL, live_arm TEXT,
+    live_text TEXT, shadow_text TEXT, finish_reason TEXT, error TEXT);
+"""
+TABLES_BY_EXPERIMENT = ("experiments", "counters", "latency_bins", "labels", "units", "history", "shadow_outputs")
+
+
+class ExperimentStore:
+    def __init__(self, state_dir: str | Path | None) -> None:
+        if state_dir is None:
+            self.path = None
+            target = ":memory:"
+        else:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(state_dir) / DB_NAME
+            target = str(self.path)
+        # One connection shared by the event loop and the shadow tasks, serialised by a lock.
+        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the file whole; a crash loses at most the last commits
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # ---- definitions -----------------------------------------------------------------------
+
+    def put(self, experiment: Experiment) -> None:
+        self._transaction([(
+            "INSERT OR REPLACE INTO experiments VALUES (?, ?, ?, ?)",
+            (experiment.name, json.dumps(experiment.to_json()), json.dumps(experiment.buckets), time.time()),
+        )])
+
+    def load_all(self) -> list[Experiment]:
+        return [_experiment(definition, buckets) for definition, buckets in self._query(
+            "SELECT definition, buckets FROM experiments ORDER BY name"
+        )]
+
+    def delete(self, name: str) -> None:
+        self._transaction([(f"DELETE FROM {table} WHERE {_key(table)} = ?", (name,)) for table in TABLES_BY_EXPERIMENT])
+
+    # ---- units and counters ----------------------------------------------------------------
+
+    def remembered_arm(self, experiment: str, unit: str) -> str | None:
+        rows = self._query("SELECT arm FROM units WHERE experiment = ? AND unit = ?", (experiment, unit))
+        return rows[0][0] if rows else None
+
+    def remember_unit(self, experiment: str, unit: str, arm: str, shares: dict[str, float]) -> None:
+        """A new unit: its arm, one assignment, and every arm's expected share of it (for SRM)."""
+        statements = [("INSERT OR IGNORE INTO units VALUES (?, ?, ?)", (experiment, unit, arm))]
+        statements.append(_increment(experiment, arm, "assignments", 1))
+        statements += [_increment(experiment, name, "expected_assignments", share) for name, share in shares.items()]
+        self._transaction(statements)
+
+    def add(self, experiment: str, arm: str, amounts: dict[str, float], latency: dict[str, float] | None = None,
+            label: str | None = None) -> None:
+        statements = [_increment(experiment, arm, metric, amount) for metric, amount in amounts.items()]
+        for kind, bin_index in (latency or {}).items():
+            statements.append((
+                "INSERT INTO latency_bins VALUES (?, ?, ?, ?, 1) ON CONFLICT DO UPDATE SET count = count + 1",
+                (experiment, arm, kind, bin_index),
+            ))
+        if label is not None:
+            statements.append((
+                "INSERT INTO labels VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE SET count = count + 1",
+                (experiment, arm, label),
+            ))
+        self._transaction(statements)
+
+    def counters(self, experiment: str) -> dict[str, dict[str, float]]:
+        result: dict[str, dict[str, float]] = {}
+        for arm, metric, value in self._query("SELECT arm, metric, value FROM counters WHERE experiment = ?", (experiment,)):
+            result.setdefault(arm, {})[metric] = value
+        return result
+
+    def latency_bins(self, experiment: str) -> dict[tuple[str, str], dict[int, int]]:
+        result: dict[tuple[str, str], dict[int, int]] = {}
+        for arm, kind, bin_index, count in self._query(
+            "SELECT arm, kind, bin, count FROM latency_bins WHERE experiment = ?", (experiment,)
+        ):
+            result.setdefault((arm, kind), {})[bin_index] = count
+        return result
+
+    def labels(self, experiment: str) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for arm, label, count in self._query("SELECT arm, label, count FROM labels WHERE experiment = ?", (experiment,)):
+            result.setdefault(arm, {})[label] = count
+        return result
+
+    # ---- history and shadow outputs --------------------------------------------------------
+
+    def snapshot(self, experiment: str, at: float) -> None:
+        """Append the counters as they are now, for the report's figures over time."""
+        counters = json.dumps(self.counters(experiment))
+        self._transaction([("INSERT INTO history VALUES (?, ?, ?)", (experiment, at, counters))])
+
+    def history(self, experiment: str) -> list[tuple[float, dict[str, dict[str, float]]]]:
+        rows = self._query("SELECT at, counters FROM history WHERE experiment = ? ORDER BY at", (experiment,))
+        return [(at, json.loads(counters)) for at, counters in rows]
+
+    def record_shadow(self, experiment: str, request_id: str, live_arm: str, live_text: str | None,
+                      shadow_text: str, finish_reason: str, error: str | None) -> None:
+        self._transaction([
+            ("INSERT INTO shadow_outputs (experiment, request_id, at, live_arm, live_text, shadow_text, finish_reason, "
+             "error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             (experiment, request_id, time.time(), live_arm, live_text, shadow_text, finish_reason, error)),
+            ("DELETE FROM shadow_outputs WHERE experiment = ? AND id NOT IN (SELECT id FROM shadow_outputs "
+             "WHERE experiment = ? ORDER BY id DESC LIMIT ?)", (experiment, experiment, SHADOW_OUTPUTS_KEPT)),
+        ])
+
+    def shadow_outputs(self, experiment: str, limit: int) -> list[dict]:
+        rows = self._query(
+            "SELECT request_id, at, live_arm, live_text, shadow_text, finish_reason, error FROM shadow_outputs "
+            "WHERE experiment = ? ORDER BY id DESC LIMIT ?", (experiment, limit),
+        )
+        keys = ("request_id", "at", "live_arm", "live_text", "shadow_text", "finish_reason", "error")
+        return [dict(zip(keys, row)) for row in rows]
+
+
+def _key(table: str) -> str:
+    return "name" if table == "experiments" else "experiment"
+
+
+def _increment(experiment: str, arm: str, metric: str, amount: float) -> tuple[str, tuple]:
+    return (
+        "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET value = value + excluded.value",
+        (experiment, arm, metric, float(amount)),
+    )
+
+
+def _experiment(definition: str, buckets: str) -> Experiment:
+    raw = json.loads(definition)
+    shadow = raw.get("shadow")
+    return Experiment(
+        name=raw["name"], task=raw["task"], control=raw["control"], unit=raw["unit"], status=raw["status"],
+        start_at=raw.get("start_at"), stop_at=raw.get("stop_at"),
+        arms=tuple(Arm(arm["name"], arm["adapter"], arm["weight"]) for arm in raw["arms"]),
+        shadow=Shadow(shadow["adapter"], shadow["rate"]) if shadow else None,
+        buckets=tuple(json.loads(buckets)),
+    )
