@@ -90,7 +90,7 @@ async def _generate(
         seed=body.seed,
         stop=list(body.stop),
     )
-    handle = state.engine.submit(GenerationRequest(prompt_ids, params, adapter=decision.adapter))
+    handle = state.engine.submit(GenerationRequest(prompt_ids, params, adapter=decision.adapter, tenant=grant.tenant))
     headers = {"X-Adapter": handle.adapter.key if handle.adapter else state.base_name}
     reply = Reply(
         id=("chatcmpl-" if chat else "cmpl-") + uuid4().hex,
