@@ -64,7 +64,11 @@ class PathGuard:
             raise AdapterPathError(f"lora_path {raw!r} contains '..'; give a path inside an adapter root without '..'")
         candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
         for candidate in candidates:
-            if not self._inside(Path(os.path.abspath(candidate)), self._lexical_roots) or not candidate.exists():
+            if not self._inside(Path(os.path.abspath(candidate)), self._lexical_roots):
+                continue
+            if not candidate.exists():
+                if os.path.lexists(candidate):
+                    raise AdapterPathError(f"lora_path {raw!r} is a symlink that leads nowhere (broken, or a loop)")
                 continue
             real = candidate.resolve(strict=True)
             if not self._inside(real, self.roots):

@@ -1,0 +1,148 @@
+"""Attacks on a live server with API keys (an admin, two tenants) and an adapter root: each is
+answered with a 4xx naming the problem, and nobody else's requests notice."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from router.task_table import TaskRoute
+from server.app import ServerSettings
+from server.auth import ApiKeys
+from test_http_harness import live_server, make_adapters, make_model_folder
+
+ADMIN, TENANT_A, TENANT_B = "sk-admin-0000", "sk-tenant-a-1", "sk-tenant-b-2"
+KEYS = {
+    ADMIN: {"tenant": "ops", "admin": True},
+    TENANT_A: {"tenant": "a", "tasks": ["task-a"], "adapters": ["ad-a"]},
+    TENANT_B: {"tenant": "b", "tasks": ["task-b"], "adapters": ["ad-b"]},
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attacks")
+    model_dir = make_model_folder(tmp / "tiny")
+    root = tmp / "adapters"
+    paths = make_adapters(model_dir, root, {"ad-a": 1, "ad-b": 2})
+    settings = ServerSettings(
+        model=str(model_dir),
+        adapters={name: str(path) for name, path in paths.items()},
+        tasks={"task-a": TaskRoute.single("ad-a"), "task-b": TaskRoute.single("ad-b")},
+        api_keys=ApiKeys.from_mapping(KEYS),
+        adapter_roots=[str(root)],
+    )
+    with live_server(settings) as server:
+        yield server, root, tmp
+
+
+def call(server, key, path="/v1/completions", body=None, method="POST") -> httpx.Response:
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        return http.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_huge_top_k_is_400_and_another_tenants_stream_goes_on(env):
+    server, _, _ = env
+    events: list[dict] = []
+
+    def stream_b() -> None:
+        body = {"model": "ad-b", "prompt": "Once upon a time", "max_tokens": 60, "stream": True}
+        with httpx.Client(base_url=server.base_url, timeout=120) as http:
+            with http.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {TENANT_B}"}) as reply:
+                for line in reply.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[6:]))
+
+    streaming = threading.Thread(target=stream_b)
+    streaming.start()
+    while not events and streaming.is_alive():
+        streaming.join(0.01)
+    refused = call(server, TENANT_A, body={"model": "ad-a", "prompt": "hi", "temperature": 1, "top_k": 10**19})
+    streaming.join(300)
+    assert "top_k" in error_of(refused, 400)["message"]
+    assert not any("error" in event for event in events), events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("prompt", [[-1], [], [999999999]])
+def test_malformed_token_prompts_are_400(env, prompt):
+    error = error_of(call(env[0], TENANT_A, body={"model": "tiny", "prompt": prompt}), 400)
+    assert error["type"] == "invalid_request_error" and "prompt" in error["message"]
+
+
+def test_empty_text_prompt_is_its_bos_alone(env):
+    assert call(env[0], TENANT_A, body={"model": "tiny", "prompt": "", "max_tokens": 2}).status_code == 200
+
+
+def test_tiny_temperature_is_greedy(env):
+    body = {"model": "ad-a", "prompt": "Write a story", "max_tokens": 12}
+    greedy = call(env[0], TENANT_A, body={**body, "temperature": 0}).json()["choices"][0]["text"]
+    tiny = call(env[0], TENANT_A, body={**body, "temperature": 1e-300}).json()["choices"][0]["text"]
+    assert tiny == greedy
+
+
+def test_unopenable_adapter_paths_are_400(env):
+    server, root, _ = env
+    loop = root / "loop"
+    loop.mkdir()
+    os.symlink(loop / "b", loop / "a")
+    os.symlink(loop / "a", loop / "b")
+    holds_loop = root / "holds-loop"  # an adapter folder whose files loop
+    holds_loop.mkdir()
+    os.symlink(holds_loop / "adapter_model.safetensors", holds_loop / "adapter_config.json")
+    os.symlink(holds_loop / "adapter_config.json", holds_loop / "adapter_model.safetensors")
+    for path in ("x" * 300, "a/" * 2100, str(loop / "a"), "loop/a", "holds-loop"):
+        error = error_of(call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": path}), 400)
+        assert "lora_path" in error["message"], error
+
+
+def test_keyless_request_is_refused_before_its_body_arrives(env):
+    server = env[0]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
+        # Headers promise a body that never comes; the answer must not wait for it.
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 100000\r\n\r\n{\"prompt\": ")
+        reply = connection.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:80]
+
+
+def test_metrics_public_opens_metrics_only(tmp_path):
+    model_dir = make_model_folder(tmp_path / "tiny")
+    settings = ServerSettings(model=str(model_dir), api_keys=ApiKeys.from_mapping(KEYS), metrics_public=True)
+    with live_server(settings) as server:
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            assert http.get("/metrics").status_code == 200
+            assert http.get("/openapi.json").status_code == 401
+            assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 401
+
+
+def _adapter_with_config(root: Path, name: str, source: Path, **changes) -> Path:
+    folder = root / name
+    folder.mkdir()
+    config = json.loads((source / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    (folder / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("pattern, words", [
+    (r"([\w.]+)+\d", "no LoRA weights for the modules its config targets"),  # Python's re backtracks for hours
+    (r"(?:[\w.]|[\w.])+\d", "takes too long to match"),  # and this one even the regex engine does
+])
+def test_backtracking_target_pattern_is_refused_and_serving_goes_on(env, pattern, words):
+    server, root, _ = env
+    folder = _adapter_with_config(root, f"evil-{len(pattern)}", root / "ad-a", target_modules=pattern)
+    error = error_of(call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": folder.name}), 400)
+    assert words in error["message"]
+    assert call(server, TENANT_A, body={"model": "ad-a", "prompt": "hi", "max_tokens": 2}).status_code == 200
