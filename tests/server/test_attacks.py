@@ -146,3 +146,53 @@ def test_backtracking_target_pattern_is_refused_and_serving_goes_on(env, pattern
     error = error_of(call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": folder.name}), 400)
     assert words in error["message"]
     assert call(server, TENANT_A, body={"model": "ad-a", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_swapped_file_of_registered_adapter_is_not_served(env):
+    server, root, tmp = env
+    folder = _adapter_with_config(root, "swap", root / "ad-a")
+    loaded = call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "ad-a", "lora_path": "swap"})
+    assert loaded.status_code == 200, loaded.text
+    # After registration the weights become a symlink to valid weights outside the root; a fresh
+    # load of the path is refused, and the registered version must not serve them either.
+    outside = tmp / "outside.safetensors"
+    outside.write_bytes((root / "ad-b" / "adapter_model.safetensors").read_bytes())
+    (folder / "adapter_model.safetensors").unlink()
+    os.symlink(outside, folder / "adapter_model.safetensors")
+    assert call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "ad-a", "lora_path": "swap"}).status_code == 403
+    engine = server.state.engine
+    key = f"ad-a@{loaded.json()['version']}"
+    assert engine.tiers.slots.slot_of(key) is None  # never used, so only the CPU copy holds it
+    engine.tiers.cpu.pop(key)  # as an eviction by other adapters would
+    reply = call(server, TENANT_A, body={"model": "ad-a", "prompt": "Write a story", "max_tokens": 8})
+    assert reply.status_code >= 400 and "load it again" in reply.json()["error"]["message"]
+
+
+def test_header_claiming_huge_tensor_is_refused_before_reading_it(env):
+    import resource
+
+    server, root, _ = env
+    folder = root / "sparse"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((root / "ad-a" / "adapter_config.json").read_text())
+    claimed = 4 * 2**27  # a [4, 2**27] fp32 lora_A: 2 GiB of zeros in a sparse file of a few KB
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    header = json.dumps({
+        f"{module}.lora_A.weight": {"dtype": "F32", "shape": [4, 2**27], "data_offsets": [0, claimed * 4]},
+        f"{module}.lora_B.weight": {"dtype": "F32", "shape": [64, 4], "data_offsets": [claimed * 4, claimed * 4 + 1024]},
+    }).encode()
+    weights = folder / "adapter_model.safetensors"
+    with open(weights, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + claimed * 4 + 1024)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    error = error_of(call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "sparse", "lora_path": "sparse"}), 400)
+    assert "declares shape (4, 134217728)" in error["message"]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kb < 512 * 1024  # KB: nothing near 2 GiB was read
+
+
+def test_oversized_config_is_refused(env):
+    server, root, _ = env
+    folder = _adapter_with_config(root, "big-config", root / "ad-a", padding="x" * (1 << 20))
+    error = error_of(call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "big", "lora_path": folder.name}), 400)
+    assert "over the limit" in error["message"]
