@@ -54,6 +54,10 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
     metrics_public: bool = False  # /metrics without a key even with api_keys (scrapers on a private network)
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # with api_keys: per-tenant defaults; None = fair share
+    limit_concurrency: int | None = None  # open connections / requests before 503; None = max_running + max_queued + 64
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive whole, else the connection closes
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    raw_special_tokens: bool = False  # special-token text in chat content becomes control tokens (unsafe)
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -20,19 +20,22 @@ from typing import Any
 
 import yaml
 
-import uvicorn
-
 from router.task_table import TaskRoute, check_name, parse_task_spec, route_from_json
 from server.app import ServerSettings, create_app
 from server.auth import ApiKeys
+from server.edge_server import uvicorn_config
 from server.engine import EngineConfig
+from server.fair_queue import TenantLimits
 
 log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
 SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes")
-KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
+# Multi-tenant safety settings (server.edge_auth, server.edge_server, server.fair_queue).
+SAFETY_KEYS = ("metrics_public", "limit_concurrency", "header_timeout", "keep_alive_timeout", "raw_special_tokens")
+TENANT_KEYS = ("tenant_max_running", "tenant_max_queued")
+KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, *SAFETY_KEYS, *TENANT_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
 
 
 class ServeConfigError(ValueError):
@@ -64,6 +67,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="folder HTTP clients may load adapters from (repeatable); none = HTTP loading off")
     serve.add_argument("--strict-base", action="store_true", default=None,
                        help="refuse adapters that record another base model")
+    safety = serve.add_argument_group("multi-tenant safety")
+    safety.add_argument("--metrics-public", action="store_true", default=None,
+                        help="serve /metrics without a key even with --api-keys (scrapers on a private network)")
+    safety.add_argument("--tenant-max-running", type=int, help="rows one tenant may hold (default: all but a quarter)")
+    safety.add_argument("--tenant-max-queued", type=int, help="requests one tenant may queue (default: half the queue)")
+    safety.add_argument("--limit-concurrency", type=int, help="connections/requests before 503 (default: running + queued + 64)")
+    safety.add_argument("--header-timeout", type=float, help="seconds for request headers to arrive (default 10)")
+    safety.add_argument("--keep-alive-timeout", type=float, help="seconds an idle connection stays open (default 5)")
+    safety.add_argument("--raw-special-tokens", action="store_true", default=None,
+                        help="let special-token text in chat messages become control tokens (default: plain text)")
     serve.set_defaults(run=run_serve)
 
 
@@ -75,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
             "and edit tasks; pass --api-keys FILE", settings.host,
         )
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 
@@ -87,6 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
         "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base,
+        **{key: getattr(args, key) for key in (*SAFETY_KEYS, *TENANT_KEYS)},
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
 
@@ -116,9 +130,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
-    server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
+    server_fields = {key: merged[key] for key in (*SERVER_KEYS, *SAFETY_KEYS) if merged.get(key) is not None}
+    tenant_limits = TenantLimits(merged.get("tenant_max_running"), merged.get("tenant_max_queued"))
     return ServerSettings(
-        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields
+        adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine,
+        tenant_limits=tenant_limits, **server_fields,
     )
 
 
