@@ -78,6 +78,11 @@ async def _generate(
 ) -> Response:
     if body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported; send n=1 and repeat the request for more choices", param="n")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, penalty):
+            raise ApiError(400, f"{penalty} is not supported; send 0 (or leave it out)", param=penalty)
+    if body.logprobs or body.top_logprobs:
+        raise ApiError(400, "logprobs are not supported; leave logprobs and top_logprobs out", param="logprobs")
     request_id = request.state.request_id
     user_key = body.user or request.headers.get("x-user-id") or request_id
     decision = state.router.route(body.model, request.headers.get("x-task-id"), user_key, grant)

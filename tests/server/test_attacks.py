@@ -254,3 +254,19 @@ def test_tokenization_runs_off_the_event_loop(env, monkeypatch):
     health_answered.set()
     completion.join(60)
     assert released_by_health == [True]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 10**6), ("top_k", 2**63), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("logprobs", 21),
+    ("top_logprobs", 1000), ("temperature", 1e300), ("prompt", [2**70]),
+])
+def test_out_of_bounds_parameters_are_400_naming_the_field(env, field, value):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1, field: value}
+    error = error_of(call(env[0], TENANT_A, body=body), 400)
+    assert (error["param"] or "").startswith(field) or field in error["message"], error
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("logprobs", 2)])
+def test_parameters_in_bounds_but_not_implemented_are_refused(env, field, value):
+    error = error_of(call(env[0], TENANT_A, body={"model": "tiny", "prompt": "hi", field: value}), 400)
+    assert "not supported" in error["message"] and error["param"] == field
