@@ -106,3 +106,12 @@ def test_tenant_queue_limit_refuses_that_tenant_only(model_dir):
         engine.submit(_request("b", 4, 4))
     finally:
         engine.shutdown()
+
+
+def test_server_applies_tenant_limits_only_with_keys():
+    from server.app import ServerSettings, engine_config
+
+    assert engine_config(ServerSettings()).tenant_limits == TenantLimitTable()  # one open tenant: no caps
+    keys = ApiKeys.from_mapping({"sk-tenant-a-1": {"tenant": "a", "max_running": 1}, "sk-tenant-b-2": {"tenant": "b"}})
+    table = engine_config(ServerSettings(api_keys=keys, tenant_limits=TenantLimits(max_queued=9))).tenant_limits
+    assert table.of("a") == TenantLimits(1, 9) and table.of("b") == TenantLimits(12, 9)
