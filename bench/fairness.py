@@ -4,7 +4,8 @@ measured in the same run, with per-tenant limits and round-robin admission (the 
 defaults with API keys) and with B in A's line (first come, first served: no tenants).
 
 Engine level (the HTTP layer adds the same small cost to every case). Default model, greedy,
-prompt 48 tokens, A's requests 64 new tokens, B's 8.
+prompt 48 tokens, A's requests 32 new tokens, B's 8. Prints a JSON line per case as it is
+measured (the first-come-first-served case waits out the whole flood), then the summary.
 
     .venv/bin/python bench/fairness.py [--quick] [--model default|PATH] [--max-running N]
 """
@@ -31,7 +32,7 @@ from server.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from server.fair_queue import TenantLimitTable, fair_share_defaults  # noqa: E402
 
 PROMPT_TOKENS = 48
-A_NEW_TOKENS = 64
+A_NEW_TOKENS = 32
 B_NEW_TOKENS = 8
 
 
@@ -82,7 +83,9 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     fair = TenantLimitTable(fair_share_defaults(args.max_running, 10_000))
     idle = statistics.median(run(model_dir, args.max_running, fair, "b", flood=False) for _ in range(repeats))
+    print(json.dumps({"case": "idle", "b_ttft_s": round(idle, 4)}), flush=True)
     flooded_fair = statistics.median(run(model_dir, args.max_running, fair, "b", flood=True) for _ in range(repeats))
+    print(json.dumps({"case": "flood_fair", "b_ttft_s": round(flooded_fair, 4), "vs_idle": round(flooded_fair / idle, 2)}), flush=True)
     flooded_fifo = run(model_dir, args.max_running, None, "a", flood=True)
     print(json.dumps({
         "max_running": args.max_running,
