@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from backbone.config import ModelConfig
 from backbone.model import CausalLM
 
+from adapters import safe_patterns
 from adapters.errors import AdapterConfigError, UnsupportedAdapterError
 from adapters.module_shapes import model_linear_shapes
 
@@ -153,7 +153,7 @@ class LoraConfig:
         if isinstance(targets, str):
             if targets.lower() == ALL_LINEAR:
                 return module_name != "lm_head"
-            return re.fullmatch(targets, module_name) is not None
+            return safe_patterns.fullmatch(targets, module_name) is not None
         if module_name in targets:
             return True  # exact names skip layers_to_transform, as in PEFT
         if not any(module_name.endswith(f".{target}") for target in targets):
@@ -167,10 +167,10 @@ class LoraConfig:
         patterns = self.layers_pattern
         match = None
         if not patterns:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+            match = safe_patterns.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
         else:
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+                match = safe_patterns.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
                 if match is not None:
                     break
         if match is None:
@@ -203,13 +203,13 @@ def target_module_names(config: LoraConfig, model: CausalLM | ModelConfig) -> li
 
 def _matches(patterns: list[str] | str, module_name: str) -> bool:
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, module_name) is not None
+        return safe_patterns.fullmatch(patterns, module_name) is not None
     return module_name in patterns or any(module_name.endswith(f".{p}") for p in patterns)
 
 
 def _pattern_key(patterns: Mapping[str, Any], module_name: str) -> str | None:
     """PEFT's `get_pattern_key`: the first key that matches a dotted suffix of the name."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if safe_patterns.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None

@@ -63,3 +63,11 @@ class StoreError(AdapterError):
 
 class VersionExistsError(StoreError):
     """Store versions are immutable: the version is already written."""
+
+
+class OversizedAdapterError(AdapterError):
+    """An adapter file declares more or larger tensors than the base model can use."""
+
+
+class AdapterChangedError(AdapterError):
+    """A registered adapter's files no longer hold the bytes they held at registration."""

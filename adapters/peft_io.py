@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from adapters.config import LoraConfig
 from adapters.errors import (
+    AdapterChangedError,
     AdapterConfigError,
     AdapterNotFoundError,
     BaseModelMismatchError,
@@ -33,6 +33,7 @@ from adapters.errors import (
     UnsupportedAdapterError,
 )
 from adapters.module_shapes import linear_shapes
+from adapters.untrusted_files import WeightBudget, read_adapter_files
 from adapters.weights import AdapterWeights
 from backbone.atomic_folder import replace_folder, staging_folder
 from backbone.config import ModelConfig
@@ -51,15 +52,22 @@ _UNSUPPORTED_KEYS = {
 }
 
 
-def read_adapter(path: str | Path) -> AdapterWeights:
+def read_adapter(path: str | Path, budget: WeightBudget | None = None) -> AdapterWeights:
     """Parse a PEFT adapter folder on its own: config, key names, pairs, dtypes, finiteness.
-    Checks that need the base model are `load_adapter`'s."""
+    Checks that need the base model are `load_adapter`'s (which passes its `budget`)."""
     folder = _adapter_folder(Path(path))
-    config = read_config(folder / CONFIG_FILE)
-    raw = _read_tensors(folder / WEIGHTS_FILE)
-    halves: dict[str, dict[str, torch.Tensor]] = {}
     file = folder / WEIGHTS_FILE
-    for key, tensor in raw.items():
+    if not file.exists() and file.with_name("adapter_model.bin").is_file():
+        raise UnsupportedAdapterError(
+            f"{folder} holds adapter_model.bin (pickle); convert it to {WEIGHTS_FILE} with PEFT "
+            "(save_pretrained(..., safe_serialization=True))"
+        )
+    files = read_adapter_files(folder / CONFIG_FILE, file, budget)
+    config = _parse_config(folder / CONFIG_FILE, files.config)
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key in files.tensors:
+        _parse_key(file, key)  # unsupported features are named before shapes are judged
+    for key, tensor in files.tensors.items():
         module, half = _parse_key(file, key)
         if not tensor.dtype.is_floating_point:
             raise CorruptAdapterFileError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; LoRA weights are floats")
@@ -100,7 +108,7 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         tensors[module] = (lora_A, lora_B)
     if not tensors:
         raise AdapterConfigError(f"{file} holds no LoRA weights for the modules its config targets; save the adapter again")
-    return AdapterWeights(config, dict(sorted(tensors.items())), source=str(folder))
+    return AdapterWeights(config, dict(sorted(tensors.items())), source=str(folder), content_hash=files.content_hash)
 
 
 def load_adapter(
@@ -110,11 +118,19 @@ def load_adapter(
     max_rank: int | None = None,
     strict_base: bool = False,
     served_model_name: str | None = None,
+    expected_hash: str | None = None,
 ) -> AdapterWeights:
-    """Read and validate an adapter against the base model it will run on."""
-    weights = read_adapter(path)
-    file = Path(weights.source) / WEIGHTS_FILE
+    """Read and validate an adapter against the base model it will run on. With `expected_hash`
+    (recorded when it was registered), files whose bytes have changed since are refused."""
     shapes = linear_shapes(model_config)
+    max_dim = max(model_config.vocab_size, *(side for shape in shapes.values() for side in shape))
+    budget = WeightBudget(max_tensors=2 * (len(shapes) + 1), max_dim=max_dim, max_rank=max_rank or max_dim)
+    weights = read_adapter(path, budget)
+    file = Path(weights.source) / WEIGHTS_FILE
+    if expected_hash is not None and weights.content_hash != expected_hash:
+        raise AdapterChangedError(
+            f"{weights.source}: the adapter's files changed since it was registered; load it again to serve the new files"
+        )
     for module, (lora_A, lora_B) in weights.tensors.items():
         if module not in shapes:
             hint = (
@@ -172,13 +188,11 @@ def write_adapter_files(folder: Path, weights: AdapterWeights) -> None:
     _fsync(folder / WEIGHTS_FILE)
 
 
-def read_config(file: Path) -> LoraConfig:
-    if not file.is_file():
-        raise AdapterNotFoundError(f"{file} not found: a PEFT adapter folder needs {CONFIG_FILE}")
+def _parse_config(file: Path, data: bytes) -> LoraConfig:
     try:
-        raw = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise AdapterNotFoundError(f"{file} cannot be read ({err}); check its permissions") from None
+        raw = json.loads(data)
+    except UnicodeDecodeError as err:
+        raise AdapterConfigError(f"{file} is not UTF-8 text ({err}); save the adapter again") from None
     except json.JSONDecodeError as err:
         raise AdapterConfigError(f"{file} is not valid JSON ({err}); save the adapter again") from None
     try:
@@ -193,23 +207,6 @@ def _adapter_folder(path: Path) -> Path:
     if not path.is_dir():
         raise AdapterNotFoundError(f"adapter folder {path} does not exist; pass a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
     return path
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        if file.with_name("adapter_model.bin").is_file():
-            raise UnsupportedAdapterError(
-                f"{file.parent} holds adapter_model.bin (pickle); convert it to {WEIGHTS_FILE} with PEFT "
-                "(save_pretrained(..., safe_serialization=True))"
-            )
-        raise AdapterNotFoundError(f"{file} not found: a PEFT adapter folder needs {WEIGHTS_FILE}")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except PermissionError as err:
-        raise AdapterNotFoundError(f"{file} cannot be read ({err}); check its permissions") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise CorruptAdapterFileError(f"{file} is truncated or corrupt ({err}); copy or save the adapter again") from None
 
 
 def _parse_key(file: Path, key: str) -> tuple[str, str]:

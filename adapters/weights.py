@@ -27,6 +27,7 @@ class AdapterWeights:
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
     warnings: list[str] = field(default_factory=list)  # advisory findings, e.g. another base model
     source: str = ""  # where it was read from, for messages
+    content_hash: str = ""  # sha256 of the files it was read from ("" = not read from files)
 
     def scale(self, module_name: str) -> float:
         return self.config.scale_for(module_name)

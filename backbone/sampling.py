@@ -15,12 +15,15 @@ import torch
 
 # Seeds go to torch.Generator.manual_seed, which takes any 64-bit value.
 _MAX_SEED = 2**64 - 1
+# Below this, logits / temperature overflows fp32 (1e-300 rounds to 0 and divides by zero), and
+# the distribution is the argmax anyway: such temperatures are greedy.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16  # new tokens at most; the completion ends with finish_reason "length"
-    temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it
+    temperature: float = 0.0  # below GREEDY_TEMPERATURE (0 included) = greedy (argmax); else logits / it
     top_p: float = 1.0  # nucleus: keep the most likely tokens whose mass reaches top_p; 1 = off
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     seed: int | None = None  # a seeded request is reproducible whatever else shares its batch
@@ -46,7 +49,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """The row's own random generator: seeded when `seed` is set, else None (global RNG)."""

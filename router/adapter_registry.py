@@ -23,6 +23,7 @@ class AdapterInfo:
     target_modules: tuple[str, ...]  # module paths the adapter changes
     base_model_name_or_path: str | None  # as recorded in adapter_config.json (advisory)
     warnings: tuple[str, ...] = ()  # e.g. a base model name that differs from the served one
+    content_hash: str = ""  # of the files as registered: a later read must find the same bytes
     created: float = field(default_factory=time.time)  # unix time of registration
 
     @property

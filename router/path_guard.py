@@ -10,6 +10,11 @@ import os
 from pathlib import Path
 
 
+# What Linux file systems accept (PATH_MAX, NAME_MAX); longer fails with ENAMETOOLONG anyway.
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 255
+
+
 class AdapterPathError(ValueError):
     """A client-supplied adapter path is malformed (400)."""
 
@@ -32,6 +37,14 @@ class PathGuard:
     def resolve(self, raw: str) -> Path:
         """The real folder `raw` names, if it is inside a root; relative paths are relative to the
         first root that holds them."""
+        try:
+            return self._resolve(raw)
+        except OSError as err:  # a name too long, a symlink loop: the client's path, not our fault
+            raise AdapterPathError(f"lora_path {str(raw)[:80]!r} cannot be opened: {err.strerror or err}") from None
+        except RuntimeError as err:  # pathlib's "Symlink loop from ..." on older Pythons
+            raise AdapterPathError(f"lora_path {str(raw)[:80]!r} cannot be opened: {err}") from None
+
+    def _resolve(self, raw: str) -> Path:
         if not self.roots:
             raise AdapterPathForbiddenError(
                 "loading adapters by path over HTTP is disabled; start the server with --adapter-root DIR "
@@ -41,12 +54,21 @@ class PathGuard:
             raise AdapterPathError("lora_path is empty; give a folder under an adapter root")
         if "\x00" in raw:
             raise AdapterPathError("lora_path contains a NUL byte")
+        if len(raw) > MAX_PATH_CHARS or any(len(part) > MAX_NAME_CHARS for part in raw.split("/")):
+            raise AdapterPathError(
+                f"lora_path is {len(raw)} characters long; a path must be at most {MAX_PATH_CHARS} characters "
+                f"with names of at most {MAX_NAME_CHARS}"
+            )
         path = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
         if ".." in path.parts:
             raise AdapterPathError(f"lora_path {raw!r} contains '..'; give a path inside an adapter root without '..'")
         candidates = [path] if path.is_absolute() else [root / path for root in self.roots]
         for candidate in candidates:
-            if not self._inside(Path(os.path.abspath(candidate)), self._lexical_roots) or not candidate.exists():
+            if not self._inside(Path(os.path.abspath(candidate)), self._lexical_roots):
+                continue
+            if not candidate.exists():
+                if os.path.lexists(candidate):
+                    raise AdapterPathError(f"lora_path {raw!r} is a symlink that leads nowhere (broken, or a loop)")
                 continue
             real = candidate.resolve(strict=True)
             if not self._inside(real, self.roots):

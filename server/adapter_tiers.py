@@ -92,15 +92,17 @@ class AdapterTiers:
 
     # ---- registration (any thread) ---------------------------------------------------------
 
-    def parse(self, path: str | Path) -> AdapterWeights:
+    def parse(self, path: str | Path, expected_hash: str | None = None) -> AdapterWeights:
         """Read and validate an adapter for this model (raises AdapterError subclasses), as the
-        CPU tier keeps it (the slots' dtype; pinned for a GPU)."""
+        CPU tier keeps it (the slots' dtype; pinned for a GPU); with `expected_hash`, only the
+        exact bytes registered are accepted."""
         weights = load_adapter(
             path,
             self._model_config,
             max_rank=self._max_rank,
             strict_base=self._strict_base,
             served_model_name=self._served_model_name,
+            expected_hash=expected_hash,
         )
         return host_tier_weights(weights, self._slot_dtype, self._slot_device)
 
@@ -120,6 +122,7 @@ class AdapterTiers:
             target_modules=tuple(sorted(weights.tensors)),
             base_model_name_or_path=weights.config.base_model_name_or_path,
             warnings=tuple(weights.warnings),
+            content_hash=weights.content_hash,
         )
         self.cpu.put(info.key, weights)
         with self._lock:
@@ -261,7 +264,9 @@ class AdapterTiers:
     def _load_from_disk(self, info: AdapterInfo) -> None:
         started = time.monotonic()
         try:
-            weights = self.parse(info.path)
+            # A path can be swapped after registration (a file replaced, a symlink pointed out of
+            # the root): only the bytes that were validated and registered are served.
+            weights = self.parse(info.path, expected_hash=info.content_hash or None)
         except Exception as err:  # the file changed or vanished since registration
             log.error("adapter %s could not be read back from %s: %s", info.key, info.path, err)
             with self._lock:

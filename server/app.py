@@ -3,7 +3,8 @@ app around a tiny model and `loraplex serve` around the real one.
 
 Middleware is plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched:
 one layer gives each request an id (echoing `X-Request-Id`) and writes the access log line,
-one enforces the body size limit before any handler parses JSON."""
+one refuses keyless callers before their body is read (server.edge_auth), one enforces the body
+size limit before any handler parses JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from uuid import uuid4
 
@@ -32,7 +33,9 @@ from server.auth import OPEN_GRANT, ApiKeys, Grant
 from server.compute_threads import serial_torch
 from server.drain import DrainMiddleware, DrainState
 from server.engine import Engine, EngineConfig
+from server.edge_auth import EdgeAuthMiddleware
 from server.experiment_runtime import Experiments, build_experiments
+from server.fair_queue import TenantLimits, limit_table
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
 from server.store_sync import StoreSync
@@ -56,6 +59,12 @@ class ServerSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
+    metrics_public: bool = False  # /metrics without a key even with api_keys (scrapers on a private network)
+    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # with api_keys: per-tenant defaults; None = fair share
+    limit_concurrency: int | None = None  # open connections / requests before 503; None = max_running + max_queued + 64
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive whole, else the connection closes
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    raw_special_tokens: bool = False  # special-token text in chat content becomes control tokens (unsafe)
     host: str = "127.0.0.1"
     port: int = 8000
     pinned: list[str] = field(default_factory=list)  # adapters kept resident; /ready waits for them
@@ -135,6 +144,7 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
     # Added last = outermost: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware, drain=drain)
+    app.add_middleware(EdgeAuthMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 
@@ -169,7 +179,7 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainSt
         precision = resolve_precision(settings.device, settings.dtype)
         model, tokenizer = load_pretrained(settings.model, dtype=precision.dtype, device=precision.device)
         base_name = settings.served_model_name or served_model_name(settings.model)
-        engine = Engine(model, tokenizer, settings.engine, base_name)
+        engine = Engine(model, tokenizer, engine_config(settings), base_name)
     engine.start()
     store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
     sync = None
@@ -220,6 +230,15 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainSt
         store_sync=sync,
         experiments=experiments,
     )
+
+
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    """The engine's settings; with API keys, each tenant is held to its limits (server.fair_queue)."""
+    if settings.api_keys is None:
+        return settings.engine
+    engine = settings.engine
+    table = limit_table(settings.api_keys.tenant_limits(), engine.max_running, engine.max_queued, settings.tenant_limits)
+    return replace(engine, tenant_limits=table)
 
 
 class RequestContextMiddleware:

@@ -4,8 +4,10 @@ The keys file (YAML or JSON) maps each key to its grant:
 
     sk-team-a: {tenant: team-a, tasks: [summarize], adapters: [summarize-v2], admin: false}
     sk-ops:    {tenant: ops, admin: true}
+    sk-batch:  {tenant: batch, tasks: ["*"], max_running: 2, max_queued: 50}
 
-`"*"` in a list allows every name. A grant without `tasks`/`adapters` allows none of them,
+`"*"` in a list allows every name. `max_running` / `max_queued` cap the tenant's rows and waiting
+requests (server.fair_queue); without them a tenant gets the server's per-tenant defaults. A grant without `tasks`/`adapters` allows none of them,
 except on admin keys, which default to all. Every key may use the base model."""
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Grant:
     tasks: frozenset[str]
     adapters: frozenset[str]
     admin: bool = False
+    max_running: int | None = None  # None = the server's per-tenant default
+    max_queued: int | None = None
 
     def allows_task(self, task: str) -> bool:
         return "*" in self.tasks or task in self.tasks
@@ -68,6 +72,19 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._grants)
 
+    def tenant_limits(self) -> dict[str, tuple[int | None, int | None]]:
+        """(max_running, max_queued) per tenant whose key sets either; keys of one tenant must agree."""
+        limits: dict[str, tuple[int | None, int | None]] = {}
+        for _, grant in self._grants:
+            wanted = (grant.max_running, grant.max_queued)
+            if wanted == (None, None):
+                continue
+            if limits.setdefault(grant.tenant, wanted) != wanted:
+                raise AuthConfigError(
+                    f"the keys of tenant {grant.tenant!r} set different max_running/max_queued; give them the same limits"
+                )
+        return limits
+
     @classmethod
     def from_mapping(cls, raw: Any, source: str = "api keys") -> "ApiKeys":
         if not isinstance(raw, dict) or not raw:
@@ -79,10 +96,10 @@ class ApiKeys:
             entry = entry or {}
             if not isinstance(entry, dict):
                 raise AuthConfigError(f"{source}: the grant of key {key[:4]}... must be a mapping")
-            unknown = set(entry) - {"tenant", "tasks", "adapters", "admin"}
+            unknown = set(entry) - GRANT_FIELDS
             if unknown:
                 raise AuthConfigError(
-                    f"{source}: key {key[:4]}... has unknown field(s) {sorted(unknown)}; allowed: tenant, tasks, adapters, admin"
+                    f"{source}: key {key[:4]}... has unknown field(s) {sorted(unknown)}; allowed: {', '.join(sorted(GRANT_FIELDS))}"
                 )
             admin = entry.get("admin", False)
             if not isinstance(admin, bool):
@@ -93,6 +110,8 @@ class ApiKeys:
                 tasks=_names(entry.get("tasks", default), source, "tasks"),
                 adapters=_names(entry.get("adapters", default), source, "adapters"),
                 admin=admin,
+                max_running=_limit(entry.get("max_running"), source, key, "max_running"),
+                max_queued=_limit(entry.get("max_queued"), source, key, "max_queued"),
             )
         return cls(grants)
 
@@ -125,6 +144,17 @@ class ApiKeys:
         if found is None:
             raise AuthenticationError("invalid API key; check the key or ask an administrator for one")
         return found
+
+
+GRANT_FIELDS = {"tenant", "tasks", "adapters", "admin", "max_running", "max_queued"}
+
+
+def _limit(value: Any, source: str, key: str, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AuthConfigError(f"{source}: key {key[:4]}...: {field} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _names(value: Any, source: str, field: str) -> frozenset[str]:

@@ -7,6 +7,7 @@ per step (across all new rows) so that rows already decoding do not stall behind
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,10 @@ from backbone.sampling import sample_next_tokens
 from server.batch_state import CachePool, Row
 from server.request_handle import Finished, TextDelta
 from server.slot_copies import SlotCopier, host_to_device
+
+log = logging.getLogger(__name__)
+
+ROW_FAILED = "internal error in this request's sampling or decoding; the server log has the details"
 
 # Right-padding id for prefill chunks of unequal length: a pad's key lands past the row's real
 # tokens and is overwritten before any real query can see it (backbone/kv_cache.py).
@@ -52,6 +57,8 @@ class BatchRunner:
 
     def finish(self, row: Row, reason: str, error: str | None = None) -> None:
         """End a row: send the held-back text (unless cancelled or failed), then Finished."""
+        if row.ended:
+            return  # released already: a failure after that must not release it twice
         if reason in ("stop", "length"):
             tail = row.stream.finish()
             if tail or row.unsent_ids:
@@ -67,6 +74,7 @@ class BatchRunner:
             first_token_time=row.first_token_time,
             end_time=time.monotonic(),
         )
+        row.ended = True
         self._on_finish(row, finished)
         row.handle.push(finished)
 
@@ -131,9 +139,35 @@ class BatchRunner:
         self._sample_and_accept(rows, logits)
 
     def _sample_and_accept(self, rows: list[Row], logits: torch.Tensor) -> None:
-        tokens = sample_next_tokens(logits, [row.params for row in rows], [row.generator for row in rows])
-        for row, token in zip(rows, tokens.tolist()):  # the step's one device sync
-            self._accept(row, token)
+        try:
+            tokens = sample_next_tokens(logits, [row.params for row in rows], [row.generator for row in rows]).tolist()
+        except Exception:  # one row's parameters broke the batched draw: find it row by row
+            log.exception("batched sampling failed; sampling row by row")
+            tokens = [self._sample_one(row, logits[index : index + 1]) for index, row in enumerate(rows)]
+        for row, token in zip(rows, tokens):  # the step's one device sync
+            if token is None:
+                continue
+            try:
+                self._accept(row, token)
+            except Exception:  # a stop string or detokenization failure ends this row only
+                log.exception("request %s failed while accepting a token", row.handle.request_id)
+                self._fail(row)
+
+    def _sample_one(self, row: Row, logits: torch.Tensor) -> int | None:
+        try:
+            return int(sample_next_tokens(logits, [row.params], [row.generator])[0])
+        except Exception:
+            log.exception("request %s failed in sampling", row.handle.request_id)
+            self._fail(row)
+            return None
+
+    def _fail(self, row: Row) -> None:
+        try:
+            self.finish(row, "error", error=ROW_FAILED)
+        except Exception:  # finishing itself broke: at least the reader learns it is over
+            log.exception("request %s could not be finished cleanly", row.handle.request_id)
+            if not row.handle.done:
+                row.handle.push(Finished("error", "", [], len(row.prompt), len(row.generated), error=ROW_FAILED))
 
     def _accept(self, row: Row, token: int) -> None:
         row.mark_first_token()

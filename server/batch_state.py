@@ -34,6 +34,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text has not been sent yet
     first_token_time: float | None = None
+    ended: bool = False  # finish() has begun for this row
 
     @property
     def params(self) -> SamplingParams:

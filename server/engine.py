@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 import threading
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +29,12 @@ from server.engine_errors import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
+    TenantQueueFullError,
     UnknownAdapterError,
 )
+from server.fair_queue import FairQueue, TenantLimitTable
 from server.request_handle import Finished, GenerationRequest, RequestHandle, TextDelta
+from server.step_isolation import step_isolating
 from server.text_stream import TextStream
 
 __all__ = [
@@ -61,6 +64,7 @@ class EngineConfig:
     strict_base: bool = False  # refuse adapters that record another base model
     compute_threads: int | None = None  # the worker's parallelism; None = the usable cores
     gpu_memory_fraction: float = 0.9  # share of a GPU's memory the server may use (KV cache, slots, activations)
+    tenant_limits: TenantLimitTable = field(default_factory=TenantLimitTable)  # per-tenant rows and queue (fair_queue)
 
 
 @dataclass
@@ -146,7 +150,7 @@ class Engine:
         self._runner = BatchRunner(
             model, self._pool, stop_ids, config.prefill_chunk, self._row_finished, slot_copies=self.tiers.copier
         )
-        self._queue: deque[_Pending] = deque()
+        self._queue: FairQueue[_Pending] = FairQueue(lambda pending: pending.request.tenant, config.tenant_limits)
         self._rows: list[Row] = []
         self._counters = _Counters()
         self._resident: list[ResidentAdapter] = []  # the worker's last view of the slot table
@@ -225,6 +229,10 @@ class Engine:
         bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab}); re-tokenize the prompt")
+        if request.params.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k={request.params.top_k} is larger than the vocabulary ({vocab} tokens); send at most {vocab}, or 0 for off"
+            )
         if len(prompt) + request.params.max_tokens > self.max_context:
             raise PromptTooLongError(len(prompt), request.params.max_tokens, self.max_context)
         with self._lock:
@@ -237,6 +245,9 @@ class Engine:
                     raise UnknownAdapterError(request.adapter)
             if len(self._queue) >= self.config.max_queued:
                 raise QueueFullError(self.config.max_queued)
+            tenant_limit = self._queue.queue_limit_reached(request.tenant)
+            if tenant_limit is not None:
+                raise TenantQueueFullError(request.tenant, tenant_limit)
             handle = RequestHandle(request, adapter, self._cancel)
             if adapter is not None:
                 self.tiers.hold(adapter)
@@ -311,7 +322,7 @@ class Engine:
             self._runner.finish(row, "cancelled")
         self._admit()
         if self._rows:
-            self._runner.step(list(self._rows))
+            step_isolating(self._runner.step, list(self._rows), lambda row, why: self._runner.finish(row, "error", error=why))
         self.tiers.collect()  # versions whose last request just finished
         with self._lock:
             self._resident = self.tiers.resident()
@@ -321,6 +332,7 @@ class Engine:
         with self._lock:
             waiting = sorted(self._queue, key=lambda pending: pending.request.priority)  # stable: FIFO within a priority
         admitted: set[int] = set()
+        running = Counter(row.request.tenant for row in self._rows)
         try:
             for pending in waiting:
                 handle = pending.handle
@@ -330,6 +342,9 @@ class Engine:
                     continue
                 if len(self._rows) >= self.config.max_running:
                     break
+                tenant = pending.request.tenant
+                if not self._queue.may_run(tenant, running[tenant]):
+                    continue  # at its row limit: other tenants go ahead
                 try:
                     slot = -1 if pending.adapter is None else self.tiers.slot_for(pending.adapter)
                 except AdapterUnavailableError as err:
@@ -351,11 +366,13 @@ class Engine:
                 with self._lock:  # stats() reads the rows from other threads
                     self._rows.append(row)
                 admitted.add(id(pending))  # only once it has its row: else it stays queued
+                running[tenant] += 1
+                self._queue.served(pending)
         finally:
             # Whatever happens mid-way, what was admitted or ended leaves the queue exactly once.
             if admitted:
                 with self._lock:
-                    self._queue = deque(p for p in self._queue if id(p) not in admitted)
+                    self._queue.remove(admitted)
 
     def _row_finished(self, row: Row, finished: Finished) -> None:
         """Called by the runner as a row ends: free its cache row and slot at once."""
@@ -389,7 +406,7 @@ class Engine:
         for row in list(self._rows):
             self._runner.finish(row, "cancelled", error=reason)
         with self._lock:
-            waiting, self._queue = list(self._queue), deque()
+            waiting = self._queue.drain()
         for pending in waiting:
             self._end_unadmitted(pending, "cancelled", reason)
 

@@ -18,6 +18,18 @@ class QueueFullError(EngineError):
         self.max_queued = max_queued
 
 
+class TenantQueueFullError(QueueFullError):
+    """The tenant already has its limit of waiting requests; other tenants are still served."""
+
+    def __init__(self, tenant: str, max_queued: int) -> None:
+        EngineError.__init__(
+            self,
+            f"tenant {tenant!r} already has {max_queued} requests waiting, its limit; retry once some "
+            "have finished or ask an administrator to raise max_queued on the key",
+        )
+        self.max_queued = max_queued
+
+
 class PromptTooLongError(EngineError, ValueError):
     """prompt + max_tokens exceeds the context the engine serves."""
 

@@ -23,6 +23,7 @@ from server.engine_errors import (
     AdapterSupersededError,
     EngineError,
     EngineStoppedError,
+    InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
     UnknownAdapterError,
@@ -88,6 +89,7 @@ STATUS_TABLE: list[tuple[type[BaseException], int, str]] = [
     (AdapterError, 400, "invalid_request_error"),
     (QueueFullError, 429, "rate_limit_error"),
     (PromptTooLongError, 400, "invalid_request_error"),
+    (InvalidRequestError, 400, "invalid_request_error"),  # before EngineError: the caller's mistake
     (EngineStoppedError, 503, "service_unavailable"),
     (AdapterSupersededError, 409, "conflict_error"),
     (EngineError, 500, "internal_error"),

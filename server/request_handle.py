@@ -22,6 +22,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # adapter name; None = the base model
+    tenant: str = ""  # who asked (the API key's tenant): admission is fair across tenants
     request_id: str = field(default_factory=lambda: uuid4().hex)
     priority: int = 0  # admission order among waiting requests: lower first (shadow copies wait behind live ones)
 

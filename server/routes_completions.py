@@ -23,6 +23,7 @@ from server.auth import Grant
 from server.engine_errors import PromptTooLongError
 from server.http_errors import ApiError, RequestTimeoutError, error_body
 from server.metrics import GenerationTimer
+from server.prompt_intake import chat_prompt_ids, text_prompt_ids
 from server.request_handle import Event, Finished, GenerationRequest, RequestHandle, TextDelta
 from server.schemas import (
     AssistantMessage,
@@ -51,8 +52,8 @@ class ClientGone(Exception):
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, grant: GrantDep) -> Response:
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-    prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    prompt_ids = state.tokenizer.encode(prompt)  # templates write their own BOS
+    # Templates write their own BOS; special-token text in messages stays text unless configured raw.
+    prompt_ids = await chat_prompt_ids(state.tokenizer, messages, state.max_context, state.settings.raw_special_tokens)
     return await _generate(request, state, grant, body, prompt_ids, chat=True)
 
 
@@ -65,7 +66,10 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         if len(prompt) != 1:
             raise ApiError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request", param="prompt")
         prompt = prompt[0]
-    prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):
+        prompt_ids = await text_prompt_ids(state.tokenizer, prompt, state.max_context)
+    else:
+        prompt_ids = list(prompt)
     return await _generate(request, state, grant, body, prompt_ids, chat=False)
 
 
@@ -74,6 +78,11 @@ async def _generate(
 ) -> Response:
     if body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported; send n=1 and repeat the request for more choices", param="n")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, penalty):
+            raise ApiError(400, f"{penalty} is not supported; send 0 (or leave it out)", param=penalty)
+    if body.logprobs or body.top_logprobs:
+        raise ApiError(400, "logprobs are not supported; leave logprobs and top_logprobs out", param="logprobs")
     request_id = request.state.request_id
     user_key = body.user or request.headers.get("x-user-id") or request_id
     decision = state.router.route(body.model, request.headers.get("x-task-id"), user_key, grant, request_id)
@@ -92,7 +101,7 @@ async def _generate(
         seed=body.seed,
         stop=list(body.stop),
     )
-    live = GenerationRequest(prompt_ids, params, adapter=decision.adapter)
+    live = GenerationRequest(prompt_ids, params, adapter=decision.adapter, tenant=grant.tenant)
     if decision.experiment is None:
         handle = state.engine.submit(live)
     else:  # the experiment records the outcome and may mirror the request to its shadow adapter

@@ -1,5 +1,6 @@
-"""Liveness (`/health`), readiness (`/ready`) and Prometheus metrics (`/metrics`). No API key:
-orchestrators and scrapers call these."""
+"""Liveness (`/health`), readiness (`/ready`) and Prometheus metrics (`/metrics`). The first two
+need no API key (orchestrators call them); `/metrics` needs one when keys are configured, unless
+the server runs with --metrics-public (server.edge_auth)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ responses are separate models so a field we accept never leaks into what we retu
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
@@ -20,13 +20,17 @@ class SamplingFields(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0 = off
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1)  # vLLM's extension; 0 = off; the engine caps it at the vocabulary
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=128)
     user: str | None = None
+    # Bounded as OpenAI bounds them; sampling here has no penalties, so a non-zero one is refused.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @field_validator("stop")
     @classmethod
@@ -63,6 +67,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
 
     @property
@@ -71,7 +76,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
 

@@ -26,14 +26,14 @@ from typing import Any
 
 import yaml
 
-import uvicorn
-
 from backbone.precision import add_precision_args, resolve_precision
 from router.task_table import TaskRoute, check_name, parse_task_spec, route_from_json
 from server.app import ServerSettings, create_app
 from server.auth import ApiKeys
 from server.drain import DrainingServer, DrainState
+from server.edge_server import uvicorn_config
 from server.engine import EngineConfig
+from server.fair_queue import TenantLimits
 
 log = logging.getLogger("loraplex.serve")
 
@@ -44,8 +44,12 @@ SERVER_KEYS = (
     "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard", "device", "dtype",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
 )
+# Multi-tenant safety settings (server.edge_auth, server.edge_server, server.fair_queue).
+SAFETY_KEYS = ("metrics_public", "limit_concurrency", "header_timeout", "keep_alive_timeout", "raw_special_tokens")
+TENANT_KEYS = ("tenant_max_running", "tenant_max_queued")
 KNOWN_KEYS = {
-    *ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys", "pinned", "runs_dir", "state_dir", "experiments",
+    *ENGINE_KEYS, *SERVER_KEYS, *SAFETY_KEYS, *TENANT_KEYS,
+    "adapters", "tasks", "adapter_roots", "api_keys", "pinned", "runs_dir", "state_dir", "experiments",
 }
 
 
@@ -100,6 +104,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                             "sized at start and a configuration that does not fit fails then (default 0.9)")
     serve.add_argument("--state-dir", type=Path,
                        help="folder for state that survives restarts (experiments, in SQLite); default: none, kept in memory")
+    safety = serve.add_argument_group("multi-tenant safety")
+    safety.add_argument("--metrics-public", action="store_true", default=None,
+                        help="serve /metrics without a key even with --api-keys (scrapers on a private network)")
+    safety.add_argument("--tenant-max-running", type=int, help="rows one tenant may hold (default: all but a quarter)")
+    safety.add_argument("--tenant-max-queued", type=int, help="requests one tenant may queue (default: half the queue)")
+    safety.add_argument("--limit-concurrency", type=int, help="connections/requests before 503 (default: running + queued + 64)")
+    safety.add_argument("--header-timeout", type=float, help="seconds for request headers to arrive (default 10)")
+    safety.add_argument("--keep-alive-timeout", type=float, help="seconds an idle connection stays open (default 5)")
+    safety.add_argument("--raw-special-tokens", action="store_true", default=None,
+                        help="let special-token text in chat messages become control tokens (default: plain text)")
     serve.set_defaults(run=run_serve)
 
 
@@ -112,11 +126,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     drain = DrainState()
     app = create_app(settings, drain)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=settings.drain_timeout,
-    )
-    DrainingServer(config, drain).run()
+    DrainingServer(uvicorn_config(app, settings, timeout_graceful_shutdown=settings.drain_timeout), drain).run()
     return 0
 
 
@@ -131,6 +141,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "device": args.device, "dtype": args.dtype, "gpu_memory_fraction": args.gpu_memory_fraction,
         "adapter_store": args.adapter_store, "sync_store": args.sync_store,
         "store_poll_seconds": args.store_poll_seconds, "drain_timeout": args.drain_timeout,
+        **{key: getattr(args, key) for key in (*SAFETY_KEYS, *TENANT_KEYS)},
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
     # Resolved before the model loads, so a bad --device/--dtype is a one-line error at once.
@@ -167,7 +178,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
-    server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
+    server_fields = {key: merged[key] for key in (*SERVER_KEYS, *SAFETY_KEYS) if merged.get(key) is not None}
     if "adapter_store" in server_fields:
         server_fields["adapter_store"] = str(_relative_to(base_dir, server_fields["adapter_store"]))
     if server_fields.get("sync_store") and "adapter_store" not in server_fields:
@@ -178,6 +189,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, pinned=pinned,
         runs_dir=str(runs_dir) if runs_dir is not None else None, **server_fields,
         experiments=_mapping(config, "experiments"), state_dir=str(state_dir) if state_dir else None,
+        tenant_limits=TenantLimits(merged.get("tenant_max_running"), merged.get("tenant_max_queued")),
     )
 
 

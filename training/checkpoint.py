@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,12 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], ke
     folder = checkpoint_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.pt"
-    staging = folder / f".{path.name}.tmp-{os.getpid()}"
+    # An unguessable name, created fresh and never through a symlink: another user who can write
+    # to the folder cannot plant a link that makes us overwrite a file of theirs choosing.
+    staging = folder / f".{path.name}.tmp-{secrets.token_hex(16)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with staging.open("wb") as handle:
+        with os.fdopen(os.open(staging, flags, 0o600), "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint

@@ -133,6 +133,13 @@ def test_admin_endpoints_need_admin(secured):
     assert call(secured, "sk-admin-0000", "PUT", "/v1/tasks/task-c", json_body={"adapter": "ad-c"}).status_code == 200
 
 
-def test_health_and_metrics_need_no_key(secured):
+def test_health_needs_no_key_but_metrics_and_openapi_do(secured):
     assert call(secured, None, "GET", "/health").status_code == 200
-    assert call(secured, None, "GET", "/metrics").status_code == 200
+    assert call(secured, None, "GET", "/ready").status_code == 200
+    for path in ("/metrics", "/openapi.json"):
+        refused = call(secured, None, "GET", path)
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error", path
+        assert call(secured, "sk-nobody-999", "GET", path).status_code == 401, path
+    scraped = call(secured, "sk-tenant-a-1", "GET", "/metrics")
+    assert scraped.status_code == 200 and "loraplex_requests" in scraped.text
+    assert call(secured, "sk-tenant-a-1", "GET", "/openapi.json").json()["info"]["title"] == "loraplex"

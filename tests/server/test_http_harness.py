@@ -20,6 +20,7 @@ from backbone.tokenizer import Tokenizer
 from engine_fixtures import save_random_adapter
 from server.app import ServerSettings, ServerState, create_app
 from server.drain import DrainState
+from server.edge_server import uvicorn_config
 from tiny_models import TINY_LLAMA, save_tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -75,7 +76,7 @@ class LiveServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property

@@ -65,3 +65,18 @@ def test_bad_flags():
         parse("--adapter", "nopath")
     with pytest.raises(TaskTableError, match="TASK=ADAPTER"):
         parse("--task", "t")
+
+
+def test_multi_tenant_safety_flags_and_config(tmp_path):
+    settings = parse(
+        "--metrics-public", "--tenant-max-running", "3", "--limit-concurrency", "40", "--header-timeout", "2.5",
+        "--raw-special-tokens",
+    )
+    assert settings.metrics_public and settings.raw_special_tokens and settings.limit_concurrency == 40
+    assert settings.header_timeout == 2.5 and settings.keep_alive_timeout == 5.0
+    assert settings.tenant_limits.max_running == 3 and settings.tenant_limits.max_queued is None
+    config = tmp_path / "serve.yaml"
+    config.write_text("tenant_max_queued: 7\nkeep_alive_timeout: 1\nmetrics_public: true\n")
+    from_file = parse("--config", str(config))
+    assert from_file.tenant_limits.max_queued == 7 and from_file.keep_alive_timeout == 1 and from_file.metrics_public
+    assert not parse().metrics_public and not parse().raw_special_tokens
