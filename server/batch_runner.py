@@ -16,6 +16,7 @@ from adapters.routing import AdapterRouting
 from backbone.model import CausalLM
 from backbone.sampling import sample_next_tokens
 from server.batch_state import CachePool, Row
+from server.prefix_kv import PrefixCache
 from server.request_handle import Finished, TextDelta
 
 # Right-padding id for prefill chunks of unequal length: a pad's key lands past the row's real
@@ -31,6 +32,7 @@ class BatchRunner:
         stop_token_ids: set[int],
         prefill_chunk: int,
         on_finish: Callable[[Row, Finished], None],
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -38,6 +40,7 @@ class BatchRunner:
         self.prefill_chunk = prefill_chunk
         self._on_finish = on_finish  # the engine's bookkeeping when a row leaves
         self._device = model.inv_freq.device
+        self.prefix_cache = prefix_cache
 
     def step(self, rows: list[Row]) -> None:
         """Advance every row by one step; finished rows are reported through `on_finish`."""
@@ -76,6 +79,8 @@ class BatchRunner:
             if budget == 0:
                 break
             if row.prefilling:
+                if self.prefix_cache is not None and row.prefix_keys is None:
+                    self.prefix_cache.attach(row)  # skips the prompt's cached blocks
                 count = min(len(row.prompt) - row.prefilled, budget)
                 chunks.append((row, row.prefilled, count))
                 budget -= count
@@ -102,6 +107,8 @@ class BatchRunner:
             row.prefilled = start + count
             if not row.prefilling:
                 done.append(index)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(row)
         if done:
             # Rows whose whole prompt is in now get their first token from this call's logits.
             self._sample_and_accept([chunks[i][0] for i in done], logits[done])

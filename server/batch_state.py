@@ -34,6 +34,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text has not been sent yet
     first_token_time: float | None = None
+    prefix_keys: list[bytes] | None = None  # prefix-cache blocks this row holds; None = not looked up yet
 
     @property
     def params(self) -> SamplingParams:
@@ -62,10 +63,13 @@ class CachePool:
     them (doubling, up to the limit), so a model with a long context does not reserve
     rows x max_context of memory up front."""
 
-    def __init__(self, config: ModelConfig, rows: int, max_positions: int, initial_positions: int = 256) -> None:
+    def __init__(
+        self, config: ModelConfig, rows: int, max_positions: int, initial_positions: int = 256,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self._config = config
         self.max_positions = max_positions
-        self.cache = KVCache.for_model(config, rows, min(initial_positions, max_positions))
+        self.cache = KVCache.for_model(config, rows, min(initial_positions, max_positions), dtype=dtype)
         # A min-heap: the lowest free row goes first, so a full batch occupies rows 0..n-1 and
         # decode reads the cache as one slice instead of gathering rows (BatchRunner._decode).
         self._free = list(range(rows))

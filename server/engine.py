@@ -30,6 +30,7 @@ from server.engine_errors import (
     QueueFullError,
     UnknownAdapterError,
 )
+from server.prefix_kv import PrefixCache, PrefixCacheStats
 from server.request_handle import Finished, GenerationRequest, RequestHandle, TextDelta
 from server.text_stream import TextStream
 
@@ -59,6 +60,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step across new rows, so decoding rows don't stall long
     strict_base: bool = False  # refuse adapters that record another base model
     compute_threads: int | None = None  # the worker's parallelism; None = the usable cores
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before, per adapter version
+    prefix_cache_mb: float = 256.0  # kept prefix blocks, beyond the running rows' own cache
+    prefix_block_tokens: int = 16  # cache granularity: a prefix is reused in whole blocks
 
 
 @dataclass
@@ -85,6 +89,7 @@ class EngineStats:
     completion_tokens_by_adapter: dict[str, int]  # "" = the base model
     finished: dict[str, int]  # finish_reason -> requests
     steps: int
+    prefix_cache: PrefixCacheStats | None = None  # None = the prefix cache is off
 
 
 @dataclass
@@ -130,9 +135,13 @@ class Engine:
             wake=self._wake,
         )
         # A padded prefill chunk may write up to prefill_chunk positions past a prompt's end.
-        self._pool = CachePool(model.config, config.max_running, self.max_context + config.prefill_chunk)
+        self._pool = CachePool(model.config, config.max_running, self.max_context + config.prefill_chunk,
+                               dtype=model.model.embed_tokens.weight.dtype)
+        self._prefix = None
+        if config.prefix_cache:
+            self._prefix = PrefixCache(self._pool, config.prefix_block_tokens, int(config.prefix_cache_mb * 2**20))
         stop_ids = set(tokenizer.eos_token_ids or model.config.eos_token_ids)
-        self._runner = BatchRunner(model, self._pool, stop_ids, config.prefill_chunk, self._row_finished)
+        self._runner = BatchRunner(model, self._pool, stop_ids, config.prefill_chunk, self._row_finished, self._prefix)
         self._queue: deque[_Pending] = deque()
         self._rows: list[Row] = []
         self._counters = _Counters()
@@ -248,6 +257,7 @@ class Engine:
                 completion_tokens_by_adapter=dict(self._counters.by_adapter),
                 finished=dict(self._counters.finished),
                 steps=self._counters.steps,
+                prefix_cache=self._prefix.stats() if self._prefix is not None else None,
             )
 
     # ---- the worker ------------------------------------------------------------------------
@@ -338,6 +348,8 @@ class Engine:
         with self._lock:
             self._rows.remove(row)
         self._pool.give_back(row.cache_row)
+        if self._prefix is not None:
+            self._prefix.release(row)
         if row.adapter is not None:
             self.tiers.release(row.adapter)
             self.tiers.drop(row.adapter)

@@ -30,7 +30,8 @@ from server.engine import EngineConfig
 log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
-ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base")
+ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base",
+               "prefix_cache", "prefix_cache_mb", "prefix_block_tokens")
 SERVER_KEYS = ("model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes")
 KNOWN_KEYS = {*ENGINE_KEYS, *SERVER_KEYS, "adapters", "tasks", "adapter_roots", "api_keys"}
 
@@ -64,6 +65,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="folder HTTP clients may load adapters from (repeatable); none = HTTP loading off")
     serve.add_argument("--strict-base", action="store_true", default=None,
                        help="refuse adapters that record another base model")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                       help="do not reuse the KV of prompt prefixes between requests (on by default)")
+    serve.add_argument("--prefix-cache-mb", type=float, help="memory for kept prefix KV blocks (default 256)")
     serve.set_defaults(run=run_serve)
 
 
@@ -87,6 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "request_timeout": args.request_timeout, "max_running": args.max_running, "max_queued": args.max_queued,
         "max_context": args.max_context, "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "max_lora_rank": args.max_lora_rank, "strict_base": args.strict_base,
+        "prefix_cache": args.prefix_cache, "prefix_cache_mb": args.prefix_cache_mb,
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
 
@@ -116,6 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
+    if not isinstance(engine.prefix_cache_mb, (int, float)) or engine.prefix_cache_mb < 0:
+        raise ServeConfigError(f"prefix_cache_mb (--prefix-cache-mb) must be a number of MiB >= 0, got {engine.prefix_cache_mb!r}")
     server_fields = {key: merged[key] for key in SERVER_KEYS if merged.get(key) is not None}
     return ServerSettings(
         adapters=adapters, tasks=tasks, api_keys=api_keys, adapter_roots=roots, engine=engine, **server_fields
