@@ -79,8 +79,8 @@ class BatchRunner:
             if budget == 0:
                 break
             if row.prefilling:
-                if self.prefix_cache is not None and row.prefix_keys is None:
-                    self.prefix_cache.attach(row)  # skips the prompt's cached blocks
+                if self.prefix_cache is not None and row.prefix_keys is None and not self.prefix_cache.attach(row):
+                    continue  # another row is computing this row's prefix now: reuse it next step
                 count = min(len(row.prompt) - row.prefilled, budget)
                 chunks.append((row, row.prefilled, count))
                 budget -= count

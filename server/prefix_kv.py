@@ -46,13 +46,26 @@ class PrefixCache:
         self.block_bytes = 2 * layers * kv_heads * block_size * head_dim * keys[0].element_size()
         self.hit_tokens = 0
         self.miss_tokens = 0
+        # Blocks that rows are prefilling now (key -> rows), and each such row's keys: a row whose
+        # next uncached block is among them waits for it instead of computing it a second time.
+        self._in_flight: dict[bytes, int] = {}
+        self._computing: dict[int, list[bytes]] = {}
 
-    def attach(self, row: Row) -> None:
+    def attach(self, row: Row) -> bool:
         """Before a row's first prefill chunk: copy its longest cached prefix into its cache row
-        and hold those blocks."""
+        and hold those blocks. False (nothing done) when another row is computing the row's
+        next block right now: the row should wait a step and try again."""
+        namespace = _namespace(row)
         usable = (len(row.prompt) - 1) // self.block_size  # the last prompt token is always computed
-        keys = chain_keys(_namespace(row), row.prompt, self.block_size, usable)
-        keys = keys[: self.index.match(keys)]
+        keys = chain_keys(namespace, row.prompt, self.block_size, usable)
+        matched = self.index.match(keys)
+        if matched < len(keys) and keys[matched] in self._in_flight:
+            return False
+        computing = chain_keys(namespace, row.prompt, self.block_size)[matched:]
+        for key in computing:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._computing[id(row)] = computing
+        keys = keys[:matched]
         self.index.acquire(keys)
         row.prefix_keys = keys
         if keys:
@@ -66,9 +79,11 @@ class PrefixCache:
         row.prefilled = len(keys) * self.block_size
         self.hit_tokens += row.prefilled
         self.miss_tokens += len(row.prompt) - row.prefilled
+        return True
 
     def store(self, row: Row) -> None:
         """Once a row's whole prompt is in its cache: keep the full blocks not cached yet."""
+        self._done_computing(row)
         held = row.prefix_keys if row.prefix_keys is not None else []
         keys = chain_keys(_namespace(row), row.prompt, self.block_size)
         for block in range(len(held), len(keys)):
@@ -83,6 +98,7 @@ class PrefixCache:
 
     def release(self, row: Row) -> None:
         """When a row ends: its blocks stay cached, free to be evicted."""
+        self._done_computing(row)
         if row.prefix_keys:
             self.index.release(row.prefix_keys)
         row.prefix_keys = None
@@ -96,6 +112,12 @@ class PrefixCache:
             nbytes=self.index.nbytes,
             budget_bytes=self.index.budget_bytes,
         )
+
+    def _done_computing(self, row: Row) -> None:
+        for key in self._computing.pop(id(row), []):
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
 
     def _copy_out(self, row: Row, block: int) -> torch.Tensor:
         cache = self.pool.cache

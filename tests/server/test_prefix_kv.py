@@ -110,6 +110,33 @@ def test_a_prompt_of_whole_blocks_still_computes_its_last_token(model_dir):
     assert all(cache.index.refs(key) == 0 for key in chain_keys("", prompt, BLOCK))
 
 
+def test_a_row_waits_for_the_prefix_another_row_is_computing(model_dir):
+    model = load_model(model_dir)
+    pool = CachePool(model.config, rows=3, max_positions=64)
+    cache = PrefixCache(pool, BLOCK, budget_bytes=1 << 24)
+    shared = _tokens(5, 2 * BLOCK)
+    writer, reader = _row(shared + _tokens(6, 3), 0, None, -1), _row(shared + _tokens(7, 4), 1, None, -1)
+    stranger = _row(_tokens(8, 2 * BLOCK + 3), 2, None, -1)
+    with torch.inference_mode():
+        assert cache.attach(writer)
+        assert not cache.attach(reader)  # its first block is being computed by the writer
+        assert reader.prefix_keys is None and reader.prefilled == 0
+        assert cache.attach(stranger)  # another prefix: nothing to wait for
+        _prefill_rest(model, pool, writer)
+        cache.store(writer)
+        assert cache.attach(reader) and reader.prefilled == 2 * BLOCK
+
+
+def test_a_row_that_ends_before_storing_lets_waiting_rows_go(model_dir):
+    pool = CachePool(load_model(model_dir).config, rows=2, max_positions=64)
+    cache = PrefixCache(pool, BLOCK, budget_bytes=1 << 24)
+    prompt = _tokens(9, 2 * BLOCK + 1)
+    first, second = _row(prompt, 0, None, -1), _row(prompt, 1, None, -1)
+    assert cache.attach(first) and not cache.attach(second)
+    cache.release(first)  # cancelled mid-prefill
+    assert cache.attach(second) and second.prefilled == 0
+
+
 def _engine(model_dir, **overrides) -> Engine:
     config = EngineConfig(**{"max_running": 3, "max_loras": 2, "max_lora_rank": 8, "prefill_chunk": 16,
                              "prefix_block_tokens": BLOCK, **overrides})
