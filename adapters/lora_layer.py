@@ -42,6 +42,9 @@ class LoraLinear(Projection):
         # among its adapters, so a server sized for rank 64 pays rank-16 cost for rank-16 adapters.
         # Full rank until set_slot says otherwise, so a direct write to the buffers stays exact.
         self.slot_ranks = [max_rank] * num_slots
+        # Each slot's scale on the host, as set_slot wrote it (None = unknown, e.g. buffers written
+        # directly): decode then folds the scale into a matmul's alpha instead of a separate multiply.
+        self.slot_scales: list[float | None] = [None] * num_slots
 
     @property
     def num_slots(self) -> int:
@@ -64,6 +67,7 @@ class LoraLinear(Projection):
             self.lora_B[slot].zero_()
             self.lora_scale[slot] = 0.0
             self.slot_ranks[slot] = 0
+            self.slot_scales[slot] = 0.0
             if lora_A is None or lora_B is None:
                 return
             rank = lora_A.shape[0]
@@ -73,6 +77,7 @@ class LoraLinear(Projection):
             self.lora_B[slot, :, :rank].copy_(lora_B, non_blocking=non_blocking)
             self.lora_scale[slot] = scale
             self.slot_ranks[slot] = rank
+            self.slot_scales[slot] = float(scale)
 
     def make_trainable(self, slot: int) -> None:
         """Turn `slot` into fp32 parameters with gradients (initialised from the buffers)."""
@@ -133,6 +138,8 @@ class LoraLinear(Projection):
         dense_is_cheaper = routing.active_range is not None or 2 * len(routing.active_list) <= routing.rows_on_adapters
         if x.shape[1] == 1 and routing.rows_by_slot is not None:
             return self._add_distinct_decode_delta(out, x, routing, lora_A, lora_B)
+        if x.shape[1] == 1 and len(routing.active_list) == 1:
+            return self._add_one_adapter_decode_delta(out, x, routing, lora_A, lora_B)
         if x.shape[1] == 1 and dense_is_cheaper:
             return out + self._decode_delta(x, routing, lora_A, lora_B)
         slots = routing.slot_ids.clamp(min=0)
@@ -148,9 +155,25 @@ class LoraLinear(Projection):
         # order and run batched matmuls over views of the stacks (no weight gathers, and no
         # compute spent on adapters a row does not use), then add the deltas back by row.
         rows, span = routing.rows_by_slot, routing.active_range
-        scale = self.lora_scale[span].to(x.dtype)[:, None, None]
-        hidden = torch.bmm(x.index_select(0, rows), lora_A[span].transpose(1, 2)) * scale  # (U, 1, r)
+        hidden = torch.bmm(x.index_select(0, rows), lora_A[span].transpose(1, 2))  # (U, 1, r)
+        scales = set(self.slot_scales[span])
+        if len(scales) == 1 and None not in scales:  # one scale for all (the usual alpha/r): index_add's alpha
+            return out.index_add_(0, rows, torch.bmm(hidden, lora_B[span].transpose(1, 2)), alpha=scales.pop())
+        hidden = hidden * self.lora_scale[span].to(x.dtype)[:, None, None]
         return out.index_add_(0, rows, torch.bmm(hidden, lora_B[span].transpose(1, 2)))  # (B, 1, out)
+
+    def _add_one_adapter_decode_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
+        # One adapter in the batch: views of its weights, no gathers, accumulated into the base
+        # output in place. With every row on it, no row mask either, and the scale rides on
+        # addmm's alpha: two matmuls are the whole LoRA cost.
+        slot = routing.active_list[0]
+        scale = self.slot_scales[slot]
+        hidden = F.linear(x[:, 0], lora_A[slot])  # (B, r)
+        if scale is None or routing.rows_on_adapters < x.shape[0]:
+            hidden = hidden * (routing.active_mask[:, :1].to(x.dtype) * self.lora_scale[slot].to(x.dtype))
+            scale = 1.0
+        out[:, 0].addmm_(hidden, lora_B[slot].T, alpha=scale)  # (B, out), a view of out
+        return out
 
     def _decode_delta(self, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # One token per row: run every row through the adapters in use (U of them) as one dense
@@ -160,10 +183,6 @@ class LoraLinear(Projection):
         active = routing.active_slots
         used, rank = active.numel(), lora_A.shape[1]
         batch = x.shape[0]
-        if used == 1:  # one adapter (plus rows on the base): views of its weights, no gathers
-            slot = routing.active_list[0]
-            keep = routing.active_mask[:, :1].to(x.dtype) * self.lora_scale[slot].to(x.dtype)  # (B, 1)
-            return F.linear(F.linear(x[:, 0], lora_A[slot]) * keep, lora_B[slot])[:, None]
         # Consecutive slots are views of the stacks; others need a gather.
         index = routing.active_range if routing.active_range is not None else active
         hidden = x[:, 0] @ lora_A[index].reshape(used * rank, -1).T  # (B, U*r)

@@ -5,12 +5,15 @@ on every linear layer of the default model, random adapters whose B is non-zero 
 trained adapter. Prints one JSON object: tokens/s of the engine with 0, 1, 4 and 16 distinct
 adapters, of `transformers.generate` (base) and of PEFT's mixed batch (`adapter_names`, 16
 adapters), the ratios, adapter hot-load latency, and throughput with many registered adapters
-and few slots under Zipf popularity relative to all of them resident.
+and few slots under Zipf popularity relative to all of them resident. Also: the multi-task
+prefix workload with and without the prefix cache (bench/serve_workloads.py), and, on a CPU with
+native bf16, the same engine cases with the model in bfloat16 and their greedy agreement with fp32.
 
-    .venv/bin/python bench/serve.py [--quick] [--model default|PATH] [--device cuda --dtype bfloat16]
+    .venv/bin/python bench/serve.py [--quick] [--model default|PATH] [--sections adapters,prefix,bf16,...]
+                                    [--device cuda --dtype bfloat16]
 
 With --device/--dtype, our engine and the transformers/PEFT references run on that device in
-that dtype alike.
+that dtype alike (the bf16 rows are then skipped: they compare bf16 with fp32 on a CPU).
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ from adapters.peft_io import save_adapter  # noqa: E402
 from adapters.weights import AdapterWeights  # noqa: E402
 from backbone.loading import load_model  # noqa: E402
 from backbone.model_source import resolve_model  # noqa: E402
+from backbone.precision import cpu_has_native_bf16  # noqa: E402
 from backbone.sampling import SamplingParams  # noqa: E402
 from backbone.tokenizer import Tokenizer  # noqa: E402
 from server.compute_threads import DEFAULT_COMPUTE_THREADS, claim_compute, keep_thread_serial  # noqa: E402
 from server.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from bench.serve_workloads import greedy_agreement, prefix_cache_comparison  # noqa: E402
 from bench_precision import add_args as add_precision_args, peak_memory, resolve as resolve_precision, synchronize  # noqa: E402
+
+SECTIONS = ("adapters", "bf16", "prefix", "references", "zipf")
 
 RANK = 16
 B_STD = 0.01  # trained LoRA B entries are small; zero B (PEFT's init) would hide the adapter cost
@@ -159,16 +166,52 @@ def references(
     return report
 
 
+def ratios(report: dict) -> dict:
+    """Every ratio the parts that ran allow, each between two figures of this run."""
+    ours = report["ours"]
+    base = ours["0_adapters"]["tokens_per_s"]
+    found = {f"ours_{d}_adapters_vs_ours_base": round(ours[f"{d}_adapters"]["tokens_per_s"] / base, 2) for d in (1, 4, 16)}
+    if "transformers_generate_base" in report:
+        found["ours_base_vs_transformers"] = round(base / report["transformers_generate_base"]["tokens_per_s"], 2)
+    if "peft_mixed_batch_16_adapters" in report:
+        found["ours_16_adapters_vs_peft"] = round(
+            ours["16_adapters"]["tokens_per_s"] / report["peft_mixed_batch_16_adapters"]["tokens_per_s"], 2
+        )
+    if "zipf" in report:
+        zipf = report["zipf"]
+        found["zipf_8_slots_vs_all_resident"] = round(zipf["8_slots"]["tokens_per_s"] / zipf["all_resident"]["tokens_per_s"], 2)
+    if "ours_bfloat16" in report:
+        bf16 = report["ours_bfloat16"]
+        bf16_base = bf16["0_adapters"]["tokens_per_s"]
+        found["bf16_base_vs_fp32_base"] = round(bf16_base / base, 2)
+        for d in (1, 4, 16):
+            found[f"bf16_{d}_adapters_vs_bf16_base"] = round(bf16[f"{d}_adapters"]["tokens_per_s"] / bf16_base, 2)
+            found[f"bf16_{d}_adapters_vs_fp32_{d}_adapters"] = round(
+                bf16[f"{d}_adapters"]["tokens_per_s"] / ours[f"{d}_adapters"]["tokens_per_s"], 2
+            )
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--quick", action="store_true", help="smaller Zipf run and fewer registered adapters")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of our cases (the fastest is kept)")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow) PEFT mixed-batch reference")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated parts to run (default all): {', '.join(SECTIONS)}")
     add_precision_args(parser)
     args = parser.parse_args()
     precision = resolve_precision(args)
     dtype, device = precision.dtype, precision.device
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+    if "bf16" in sections and (device.type != "cpu" or dtype != torch.float32):
+        sections.discard("bf16")  # those rows compare bf16 with fp32 on a CPU
+    elif "bf16" in sections and not cpu_has_native_bf16():
+        sections.discard("bf16")
+        print("skipping the bf16 rows: this CPU has no native bf16 (AVX-512-BF16 or AMX)", file=sys.stderr)
     batch_size, prompt_len, new_tokens = 16, 64, 32
     zipf_adapters, zipf_streams_count, per_stream = (50, 16, 2) if args.quick else (200, 32, 3)
 
@@ -186,31 +229,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model_dir, Path(tmp), batch_size)
 
+        if "prefix" in sections:
+            report["prefix_workload"] = prefix_cache_comparison(model_dir, tokenizer, paths, 1 if args.quick else 3, new_tokens)
+        if "adapters" not in sections:
+            print(json.dumps(report, indent=2))
+            return
+
         # ---- ours ----
-        engine = Engine(load_model(model_dir, dtype=dtype, device=device), tokenizer,
-                        EngineConfig(max_running=batch_size, max_loras=batch_size, max_lora_rank=RANK,
-                                     max_context=prompt_len + new_tokens), "bench")
-        register_seconds = []
-        for index, path in enumerate(paths):
-            started = time.perf_counter()
-            engine.register_adapter(f"a{index}", path)
-            register_seconds.append(time.perf_counter() - started)
-        engine.start()
-        engine_run(engine, batch[:4], [f"a{i}" for i in range(4)], 4)  # warm-up: kernels, slots
-        engine_run(engine, batch, [f"a{i}" for i in range(batch_size)], 2)  # every adapter resident
-        ours = {}
+        # "main" runs in the flags' device and dtype (fp32 on the CPU by default); "bf16" is the
+        # same engine in bfloat16 on the CPU, for the bf16 rows.
+        dtypes = {"main": dtype, **({"bf16": torch.bfloat16} if "bf16" in sections else {})}
+        engines, register_seconds = {}, []
+        for name, engine_dtype in dtypes.items():
+            # Rounds repeat the same prompts: the prefix cache (measured on its own workload above)
+            # is off here, so every round prefills its whole prompts as the first one does.
+            engine = Engine(load_model(model_dir, dtype=engine_dtype, device=device), tokenizer,
+                            EngineConfig(max_running=batch_size, max_loras=batch_size, max_lora_rank=RANK,
+                                         max_context=prompt_len + new_tokens, prefix_cache=False), "bench")
+            for index, path in enumerate(paths):
+                started = time.perf_counter()
+                engine.register_adapter(f"a{index}", path)
+                if name == "main":  # the figure reported below
+                    register_seconds.append(time.perf_counter() - started)
+            engine.start()
+            engine_run(engine, batch[:4], [f"a{i}" for i in range(4)], 4)  # warm-up: kernels, slots
+            engine_run(engine, batch, [f"a{i}" for i in range(batch_size)], 2)  # every adapter resident
+            engines[name] = engine
+        results = {name: {} for name in engines}
         # Rounds interleave the cases and each keeps its fastest round: the machine is shared,
         # and interleaving spreads a slow spell over all cases instead of one.
         for _ in range(args.rounds):
             for distinct in (0, 1, 4, 16):
                 adapters = [None if distinct == 0 else f"a{row % distinct}" for row in range(batch_size)]
-                run = engine_run(engine, batch, adapters, new_tokens)
-                best = ours.get(f"{distinct}_adapters")
-                if best is None or run["seconds"] < best["seconds"]:
-                    ours[f"{distinct}_adapters"] = run
-        stats = engine.stats()
-        engine.shutdown()
+                for name, engine in engines.items():
+                    run = engine_run(engine, batch, adapters, new_tokens)
+                    best = results[name].get(f"{distinct}_adapters")
+                    if best is None or run["seconds"] < best["seconds"]:
+                        results[name][f"{distinct}_adapters"] = run
+        if "bf16" in engines:
+            report["bf16_greedy_agreement_with_fp32"] = greedy_agreement(engines["main"], engines["bf16"], tokenizer)
+        stats = engines["main"].stats()
+        for engine in engines.values():
+            engine.shutdown()
+        ours = results["main"]
         report["ours"] = ours
+        if "bf16" in results:
+            report["ours_bfloat16"] = results["bf16"]
         report["hot_load"] = {
             "register_seconds_p50": round(statistics.median(register_seconds), 4),
             "register_seconds_p95": round(statistics.quantiles(register_seconds, n=20)[-1], 4),
@@ -220,51 +284,44 @@ def main() -> None:
         }
 
         # ---- references ----
-        report.update(in_compute_thread(
-            lambda: references(model_dir, paths, batch, new_tokens, args.skip_peft, args.rounds, dtype, device)
-        ))  # fmt: skip
+        if "references" in sections:
+            report.update(in_compute_thread(
+                lambda: references(model_dir, paths, batch, new_tokens, args.skip_peft, args.rounds, dtype, device)
+            ))  # fmt: skip
 
         # ---- many registered adapters, few slots, Zipf popularity ----
-        names = [f"z{i}" for i in range(zipf_adapters)]
-        plan = zipf_plan(names, zipf_streams_count, per_stream, seed=7)
-        drawn = sorted({name for stream in plan for name in stream})
-        prompt = batch[0]
-        zipf = {"distinct_adapters_drawn": len(drawn)}
-        # The reference keeps every adapter the run uses resident (one slot each, loaded before
-        # timing); the measured case has 8 slots and the default CPU tier of 32.
-        for case, slots, cpu in (("8_slots", 8, 32), ("all_resident", len(drawn), len(drawn))):
-            engine = Engine(load_model(model_dir, dtype=dtype, device=device), tokenizer,
-                            EngineConfig(max_running=zipf_streams_count, max_loras=slots, max_cpu_loras=cpu,
-                                         max_lora_rank=RANK, max_context=prompt_len + new_tokens), "bench")
-            for index, name in enumerate(names):
-                engine.register_adapter(name, paths[index % len(paths)])
-            engine.start()
-            if case == "all_resident":
-                for first in range(0, len(drawn), zipf_streams_count):
-                    group = drawn[first : first + zipf_streams_count]
-                    engine_run(engine, [prompt] * len(group), group, 1)
-            before = engine.stats()
-            zipf[case] = run_streams(engine, plan, prompt, new_tokens)
-            after = engine.stats()
-            zipf[case]["disk_loads"] = after.disk_loads - before.disk_loads
-            zipf[case]["slot_writes"] = after.slot_writes - before.slot_writes
-            engine.shutdown()
-        zipf["registered_adapters"] = zipf_adapters
-        zipf["streams"] = zipf_streams_count
-        zipf["note"] = f"{zipf_adapters} names registered over {len(paths)} distinct adapter folders (each name its own CPU entry and slot)"
-        report["zipf"] = zipf
+        if "zipf" in sections:
+            names = [f"z{i}" for i in range(zipf_adapters)]
+            plan = zipf_plan(names, zipf_streams_count, per_stream, seed=7)
+            drawn = sorted({name for stream in plan for name in stream})
+            prompt = batch[0]
+            zipf = {"distinct_adapters_drawn": len(drawn)}
+            # The reference keeps every adapter the run uses resident (one slot each, loaded before
+            # timing); the measured case has 8 slots and the default CPU tier of 32.
+            for case, slots, cpu in (("8_slots", 8, 32), ("all_resident", len(drawn), len(drawn))):
+                engine = Engine(load_model(model_dir, dtype=dtype, device=device), tokenizer,
+                                EngineConfig(max_running=zipf_streams_count, max_loras=slots, max_cpu_loras=cpu,
+                                             max_lora_rank=RANK, max_context=prompt_len + new_tokens, prefix_cache=False),
+                                "bench")
+                for index, name in enumerate(names):
+                    engine.register_adapter(name, paths[index % len(paths)])
+                engine.start()
+                if case == "all_resident":
+                    for first in range(0, len(drawn), zipf_streams_count):
+                        group = drawn[first : first + zipf_streams_count]
+                        engine_run(engine, [prompt] * len(group), group, 1)
+                before = engine.stats()
+                zipf[case] = run_streams(engine, plan, prompt, new_tokens)
+                after = engine.stats()
+                zipf[case]["disk_loads"] = after.disk_loads - before.disk_loads
+                zipf[case]["slot_writes"] = after.slot_writes - before.slot_writes
+                engine.shutdown()
+            zipf["registered_adapters"] = zipf_adapters
+            zipf["streams"] = zipf_streams_count
+            zipf["note"] = f"{zipf_adapters} names registered over {len(paths)} distinct adapter folders (each name its own CPU entry and slot)"
+            report["zipf"] = zipf
 
-    base = report["transformers_generate_base"]["tokens_per_s"]
-    report["ratios"] = {
-        "ours_base_vs_transformers": round(ours["0_adapters"]["tokens_per_s"] / base, 2),
-        "ours_4_adapters_vs_ours_base": round(ours["4_adapters"]["tokens_per_s"] / ours["0_adapters"]["tokens_per_s"], 2),
-        "ours_16_adapters_vs_ours_base": round(ours["16_adapters"]["tokens_per_s"] / ours["0_adapters"]["tokens_per_s"], 2),
-        "zipf_8_slots_vs_all_resident": round(zipf["8_slots"]["tokens_per_s"] / zipf["all_resident"]["tokens_per_s"], 2),
-    }
-    if "peft_mixed_batch_16_adapters" in report:
-        report["ratios"]["ours_16_adapters_vs_peft"] = round(
-            ours["16_adapters"]["tokens_per_s"] / report["peft_mixed_batch_16_adapters"]["tokens_per_s"], 2
-        )
+    report["ratios"] = ratios(report)
     report["peak_device_memory_bytes"] = peak_memory(device)
     print(json.dumps(report, indent=2))
 

@@ -17,6 +17,7 @@ from adapters.routing import AdapterRouting
 from backbone.model import CausalLM
 from backbone.sampling import sample_next_tokens
 from server.batch_state import CachePool, Row
+from server.prefix_kv import PrefixCache
 from server.request_handle import Finished, TextDelta
 from server.slot_copies import SlotCopier, host_to_device
 
@@ -38,6 +39,7 @@ class BatchRunner:
         prefill_chunk: int,
         on_finish: Callable[[Row, Finished], None],
         slot_copies: SlotCopier | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -46,6 +48,7 @@ class BatchRunner:
         self._on_finish = on_finish  # the engine's bookkeeping when a row leaves
         self._device = model.inv_freq.device
         self._slot_copies = slot_copies  # a batch waits for pending writes to the slots it reads
+        self.prefix_cache = prefix_cache
 
     def step(self, rows: list[Row]) -> None:
         """Advance every row by one step; finished rows are reported through `on_finish`."""
@@ -87,6 +90,8 @@ class BatchRunner:
             if budget == 0:
                 break
             if row.prefilling:
+                if self.prefix_cache is not None and row.prefix_keys is None and not self.prefix_cache.attach(row):
+                    continue  # another row is computing this row's prefix now: reuse it next step
                 count = min(len(row.prompt) - row.prefilled, budget)
                 chunks.append((row, row.prefilled, count))
                 budget -= count
@@ -115,6 +120,8 @@ class BatchRunner:
             row.prefilled = start + count
             if not row.prefilling:
                 done.append(index)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(row)
         if done:
             # Rows whose whole prompt is in now get their first token from this call's logits.
             self._sample_and_accept([chunks[i][0] for i in done], logits[done])

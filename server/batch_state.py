@@ -35,6 +35,7 @@ class Row:
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text has not been sent yet
     first_token_time: float | None = None
     ended: bool = False  # finish() has begun for this row
+    prefix_keys: list[bytes] | None = None  # prefix-cache blocks this row holds; None = not looked up yet
 
     @property
     def params(self) -> SamplingParams:

@@ -33,6 +33,7 @@ from server.engine_errors import (
     UnknownAdapterError,
 )
 from server.fair_queue import FairQueue, TenantLimitTable
+from server.prefix_kv import PrefixCache, PrefixCacheStats
 from server.request_handle import Finished, GenerationRequest, RequestHandle, TextDelta
 from server.step_isolation import step_isolating
 from server.text_stream import TextStream
@@ -65,6 +66,9 @@ class EngineConfig:
     compute_threads: int | None = None  # the worker's parallelism; None = the usable cores
     gpu_memory_fraction: float = 0.9  # share of a GPU's memory the server may use (KV cache, slots, activations)
     tenant_limits: TenantLimitTable = field(default_factory=TenantLimitTable)  # per-tenant rows and queue (fair_queue)
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before, per adapter version
+    prefix_cache_mb: float = 256.0  # kept prefix blocks, beyond the running rows' own cache
+    prefix_block_tokens: int = 16  # cache granularity: a prefix is reused in whole blocks
 
 
 @dataclass
@@ -91,6 +95,7 @@ class EngineStats:
     completion_tokens_by_adapter: dict[str, int]  # "" = the base model
     finished: dict[str, int]  # finish_reason -> requests
     steps: int
+    prefix_cache: PrefixCacheStats | None = None  # None = the prefix cache is off
 
 
 @dataclass
@@ -146,10 +151,14 @@ class Engine:
             model.config, config.max_running, positions, dtype=model.lm_head.weight.dtype, device=device,
             initial_positions=positions if device.type == "cuda" else 256,
         )  # fmt: skip
+        self._prefix = None
+        if config.prefix_cache:
+            self._prefix = PrefixCache(self._pool, config.prefix_block_tokens, int(config.prefix_cache_mb * 2**20))
         stop_ids = set(tokenizer.eos_token_ids or model.config.eos_token_ids)
         self._runner = BatchRunner(
-            model, self._pool, stop_ids, config.prefill_chunk, self._row_finished, slot_copies=self.tiers.copier
-        )
+            model, self._pool, stop_ids, config.prefill_chunk, self._row_finished,
+            slot_copies=self.tiers.copier, prefix_cache=self._prefix,
+        )  # fmt: skip
         self._queue: FairQueue[_Pending] = FairQueue(lambda pending: pending.request.tenant, config.tenant_limits)
         self._rows: list[Row] = []
         self._counters = _Counters()
@@ -283,6 +292,7 @@ class Engine:
                 completion_tokens_by_adapter=dict(self._counters.by_adapter),
                 finished=dict(self._counters.finished),
                 steps=self._counters.steps,
+                prefix_cache=self._prefix.stats() if self._prefix is not None else None,
             )
 
     # ---- the worker ------------------------------------------------------------------------
@@ -379,6 +389,8 @@ class Engine:
         with self._lock:
             self._rows.remove(row)
         self._pool.give_back(row.cache_row)
+        if self._prefix is not None:
+            self._prefix.release(row)
         if row.adapter is not None:
             self.tiers.release(row.adapter)
             self.tiers.drop(row.adapter)

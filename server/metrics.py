@@ -154,6 +154,8 @@ class EngineStatsCollector(Collector):
                 yield _gauge(
                     f"loraplex_adapter_disk_load_seconds_{quantile}", f"Adapter read-and-validate time, {quantile}", value
                 )
+        if stats.prefix_cache is not None:
+            yield from _prefix_cache_metrics(stats.prefix_cache)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
@@ -163,6 +165,20 @@ class EngineStatsCollector(Collector):
             time.time(),
         )
         yield info
+
+
+def _prefix_cache_metrics(prefix: Any) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_hit_tokens", "Prompt tokens whose KV was reused from the prefix cache", value=prefix.hit_tokens
+    )
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_miss_tokens", "Prompt tokens prefilled by the model", value=prefix.miss_tokens
+    )
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_evictions", "Prefix-cache blocks evicted for room", value=prefix.evictions
+    )
+    yield _gauge("loraplex_prefix_cache_bytes", "Bytes of KV blocks kept by the prefix cache", prefix.nbytes)
+    yield _gauge("loraplex_prefix_cache_budget_bytes", "The prefix cache's byte budget", prefix.budget_bytes)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -39,7 +39,7 @@ log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base",
-               "gpu_memory_fraction")  # fmt: skip
+               "gpu_memory_fraction", "prefix_cache", "prefix_cache_mb", "prefix_block_tokens")  # fmt: skip
 SERVER_KEYS = (
     "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard", "device", "dtype",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
@@ -114,6 +114,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     safety.add_argument("--keep-alive-timeout", type=float, help="seconds an idle connection stays open (default 5)")
     safety.add_argument("--raw-special-tokens", action="store_true", default=None,
                         help="let special-token text in chat messages become control tokens (default: plain text)")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                       help="do not reuse the KV of prompt prefixes between requests (on by default)")
+    serve.add_argument("--prefix-cache-mb", type=float, help="memory for kept prefix KV blocks (default 256)")
     serve.set_defaults(run=run_serve)
 
 
@@ -141,6 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "device": args.device, "dtype": args.dtype, "gpu_memory_fraction": args.gpu_memory_fraction,
         "adapter_store": args.adapter_store, "sync_store": args.sync_store,
         "store_poll_seconds": args.store_poll_seconds, "drain_timeout": args.drain_timeout,
+        "prefix_cache": args.prefix_cache, "prefix_cache_mb": args.prefix_cache_mb,
         **{key: getattr(args, key) for key in (*SAFETY_KEYS, *TENANT_KEYS)},
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
@@ -178,6 +182,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
+    if not isinstance(engine.prefix_cache_mb, (int, float)) or engine.prefix_cache_mb < 0:
+        raise ServeConfigError(f"prefix_cache_mb (--prefix-cache-mb) must be a number of MiB >= 0, got {engine.prefix_cache_mb!r}")
     server_fields = {key: merged[key] for key in (*SERVER_KEYS, *SAFETY_KEYS) if merged.get(key) is not None}
     if "adapter_store" in server_fields:
         server_fields["adapter_store"] = str(_relative_to(base_dir, server_fields["adapter_store"]))

@@ -233,3 +233,22 @@ def test_decode_gather_path_over_scattered_slots_matches_reference(slot_ids):
     x = torch.randn(len(slot_ids), 1, 16)
     routing = AdapterRouting(torch.tensor(slot_ids))
     torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "slot_ids",
+    [
+        [2, 2, 2],  # every row on one adapter: no mask, the scale as addmm's alpha
+        [2, -1, 2],  # one adapter beside rows on the base: the masked path
+        [3, 1, 2, 0],  # each row its own adapter, one scale for all: the scale as index_add's alpha
+        [1, -1, 0],  # the same with a row on the base
+    ],
+)
+def test_decode_with_the_scale_folded_into_a_matmul_matches_reference(slot_ids):
+    torch.manual_seed(1)
+    layer = LoraLinear(nn.Linear(16, 24, bias=True), num_slots=4, max_rank=4)
+    for slot, rank in enumerate((2, 4, 3, 4)):
+        layer.set_slot(slot, torch.randn(rank, 16), torch.randn(24, rank), scale=2.0)
+    x = torch.randn(len(slot_ids), 1, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)

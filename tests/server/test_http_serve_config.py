@@ -80,3 +80,15 @@ def test_multi_tenant_safety_flags_and_config(tmp_path):
     from_file = parse("--config", str(config))
     assert from_file.tenant_limits.max_queued == 7 and from_file.keep_alive_timeout == 1 and from_file.metrics_public
     assert not parse().metrics_public and not parse().raw_special_tokens
+
+
+def test_prefix_cache_is_on_by_default_and_turns_off_by_flag_or_config(tmp_path):
+    assert parse().engine.prefix_cache is True
+    assert parse("--no-prefix-cache").engine.prefix_cache is False
+    assert parse("--prefix-cache-mb", "64").engine.prefix_cache_mb == 64
+    config = tmp_path / "serve.yaml"
+    config.write_text("prefix_cache: false\nprefix_cache_mb: 32\n")
+    settings = parse("--config", str(config))
+    assert settings.engine.prefix_cache is False and settings.engine.prefix_cache_mb == 32
+    with pytest.raises(ServeConfigError, match=r"--prefix-cache-mb\) must be a number of MiB >= 0, got -1"):
+        parse("--prefix-cache-mb", "-1")

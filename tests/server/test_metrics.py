@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import ServerSettings
-from server.metrics import GenerationTimer, ServerMetrics
+from server.metrics import EngineStatsCollector, GenerationTimer, ServerMetrics
+from server.prefix_kv import PrefixCacheStats
 from test_http_harness import live_server, make_adapters, make_model_folder
 
 
@@ -87,3 +89,19 @@ def test_metrics_count_the_traffic_sent(tmp_path):
     assert len(info) == 1 and dict(info[0][1]) == {"max_lora": "8", "running_lora_adapters": "", "waiting_lora_adapters": ""}
     resident = {dict(labels)["adapter"] for name, labels in found if name == "loraplex_adapter_resident_requests"}
     assert resident == {"alpha@1", "beta@1"}
+
+
+def test_prefix_cache_counters_come_from_the_engine():
+    prefix = PrefixCacheStats(hit_tokens=96, miss_tokens=40, evictions=3, blocks=5, nbytes=500, budget_bytes=1000)
+    stats = SimpleNamespace(queued=0, running=0, max_running=4, resident=[], max_loras=2, cpu_cache_entries=0,
+                            disk_load_seconds_p50=None, disk_load_seconds_p95=None, running_adapters={},
+                            waiting_adapters={}, prefix_cache=prefix)
+    metrics = ServerMetrics()
+    metrics.registry.register(EngineStatsCollector(lambda: stats))
+    found = samples(metrics.exposition().decode())
+    assert value(found, "loraplex_prefix_cache_hit_tokens_total") == 96
+    assert value(found, "loraplex_prefix_cache_miss_tokens_total") == 40
+    assert value(found, "loraplex_prefix_cache_evictions_total") == 3
+    assert value(found, "loraplex_prefix_cache_bytes") == 500
+    stats.prefix_cache = None  # --no-prefix-cache: no series at all
+    assert not any(name.startswith("loraplex_prefix") for name, _ in samples(metrics.exposition().decode()))

@@ -1,0 +1,109 @@
+"""The prefix cache's bookkeeping (DESIGN decision 9): which KV blocks are kept, who uses them,
+and which go first when the byte budget is full. No tensors here: a block's payload is opaque.
+
+A prompt is cut into full blocks of `block_size` tokens. Block i's key hashes block i-1's key
+with block i's tokens, and the chain starts from the adapter's `name@version` (or the base), so
+one key names one prefix under one set of weights: a hot-swapped version starts a new chain and
+never reads the old version's blocks. Running rows hold references to the blocks of their prompt
+so their chain stays intact while they extend it; a referenced block is never evicted. Eviction
+is least recently used among unreferenced blocks, and a chain is touched from its end back to
+its root, so within a chain the deepest blocks go first and a kept block's parents stay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BASE_NAMESPACE = ""  # the chain root of rows on the base model (no adapter)
+
+
+def chain_keys(namespace: str, tokens: Sequence[int], block_size: int, blocks: int | None = None) -> list[bytes]:
+    """Keys of the first `blocks` full blocks of `tokens` (all full blocks when None)."""
+    full = len(tokens) // block_size
+    count = full if blocks is None else min(blocks, full)
+    parent = hashlib.blake2b(namespace.encode(), digest_size=16).digest()
+    keys = []
+    for index in range(count):
+        block = array("q", tokens[index * block_size : (index + 1) * block_size]).tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+@dataclass
+class _Block:
+    payload: Any
+    nbytes: int
+    refs: int = 0
+
+
+class PrefixIndex:
+    """Blocks by key, in least-recently-used order, under a byte budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"prefix cache budget must be >= 0 bytes, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # oldest use first
+        self.nbytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._blocks
+
+    def refs(self, key: bytes) -> int:
+        return self._blocks[key].refs
+
+    def match(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys of a chain are cached (a chain is only usable from its root)."""
+        for count, key in enumerate(keys):
+            if key not in self._blocks:
+                return count
+        return len(keys)
+
+    def payloads(self, keys: Sequence[bytes]) -> list[Any]:
+        return [self._blocks[key].payload for key in keys]
+
+    def acquire(self, keys: Sequence[bytes]) -> None:
+        """Hold cached blocks for a running row (they cannot be evicted until released)."""
+        for key in keys:
+            self._blocks[key].refs += 1
+        self.touch(keys)
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            block = self._blocks[key]
+            if block.refs <= 0:
+                raise ValueError("prefix block released more often than acquired")
+            block.refs -= 1
+
+    def touch(self, keys: Sequence[bytes]) -> None:
+        """Mark a chain as just used, its root most recently (so its leaves are evicted first)."""
+        for key in reversed(keys):
+            self._blocks.move_to_end(key)
+
+    def insert(self, key: bytes, nbytes: int, make_payload: Any) -> bool:
+        """Add a block, evicting unreferenced blocks as the budget needs. `make_payload()` is
+        called only once room is made. False (nothing changes but evictions) when the block
+        cannot fit because every other block is in use."""
+        if key in self._blocks:
+            raise ValueError("prefix block is already cached; acquire it instead")
+        if nbytes > self.budget_bytes:
+            return False
+        while self.nbytes + nbytes > self.budget_bytes:
+            victim = next((k for k, block in self._blocks.items() if block.refs == 0), None)
+            if victim is None:
+                return False
+            self.nbytes -= self._blocks.pop(victim).nbytes
+            self.evictions += 1
+        self._blocks[key] = _Block(make_payload(), nbytes)
+        self.nbytes += nbytes
+        return True

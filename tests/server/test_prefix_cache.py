@@ -1,0 +1,120 @@
+"""The prefix cache's bookkeeping as a state machine: keys, references, LRU eviction, budget."""
+
+import random
+
+import pytest
+
+from server.prefix_cache import PrefixIndex, chain_keys
+
+BLOCK = 4
+
+
+def _insert(index: PrefixIndex, key: bytes, nbytes: int = 10) -> bool:
+    return index.insert(key, nbytes, lambda: key)
+
+
+def test_keys_chain_whole_blocks_and_depend_on_every_earlier_token():
+    tokens = list(range(11))
+    keys = chain_keys("a@1", tokens, BLOCK)
+    assert len(keys) == 2  # the partial third block has no key
+    assert chain_keys("a@1", tokens, BLOCK, blocks=1) == keys[:1]
+    changed = chain_keys("a@1", [99] + tokens[1:], BLOCK)
+    assert changed[0] != keys[0] and changed[1] != keys[1]  # block 1's key sees block 0's tokens
+    assert chain_keys("a@1", tokens[:4] + [99] + tokens[5:], BLOCK)[0] == keys[0]
+
+
+def test_keys_differ_between_adapter_versions_and_the_base():
+    tokens = list(range(8))
+    versions = [chain_keys(namespace, tokens, BLOCK) for namespace in ("a@1", "a@2", "b@1", "")]
+    assert len({key for keys in versions for key in keys}) == 8
+
+
+def test_match_counts_the_cached_chain_from_its_root():
+    index = PrefixIndex(100)
+    keys = chain_keys("a@1", list(range(12)), BLOCK)
+    _insert(index, keys[0])
+    _insert(index, keys[2])  # an orphan: unusable without keys[1]
+    assert index.match(keys) == 1
+    _insert(index, keys[1])
+    assert index.match(keys) == 3
+
+
+def test_evicts_least_recently_used_unreferenced_block():
+    index = PrefixIndex(30)
+    for key in (b"a", b"b", b"c"):
+        _insert(index, key)
+    index.touch([b"a"])  # b is now the oldest
+    assert _insert(index, b"d")
+    assert b"b" not in index and all(key in index for key in (b"a", b"c", b"d"))
+    assert index.evictions == 1
+
+
+def test_block_in_use_is_never_evicted():
+    index = PrefixIndex(20)
+    _insert(index, b"a")
+    _insert(index, b"b")
+    index.acquire([b"a"])
+    index.touch([b"a"])
+    index.touch([b"b"])  # a is older, but held
+    assert _insert(index, b"c")
+    assert b"a" in index and b"b" not in index
+    index.acquire([b"c"])
+    assert not _insert(index, b"d")  # everything held: the new block is refused, nothing evicted
+    assert b"a" in index and b"c" in index and index.nbytes == 20
+    index.release([b"a"])
+    assert _insert(index, b"d") and b"a" not in index
+
+
+def test_release_more_often_than_acquired_is_an_error():
+    index = PrefixIndex(10)
+    _insert(index, b"a")
+    index.acquire([b"a"])
+    index.release([b"a"])
+    with pytest.raises(ValueError, match="released more often"):
+        index.release([b"a"])
+
+
+def test_a_chain_is_evicted_from_its_deepest_block():
+    index = PrefixIndex(30)
+    keys = chain_keys("a@1", list(range(12)), BLOCK)
+    for key in keys:
+        _insert(index, key)
+    index.touch(keys)
+    assert _insert(index, b"other")
+    assert index.match(keys) == 2  # the leaf went, the root and its child stayed usable
+
+
+def test_block_larger_than_the_budget_is_refused():
+    index = PrefixIndex(5)
+    assert not _insert(index, b"a", nbytes=6)
+    assert len(index) == 0 and index.nbytes == 0
+
+
+def test_random_workload_keeps_budget_and_held_blocks():
+    rng = random.Random(0)
+    index = PrefixIndex(budget_bytes=200)
+    held: list[list[bytes]] = []  # each running row's chain
+    namespaces = ["a@1", "a@2", "b@1", ""]
+    for _ in range(3000):
+        if held and rng.random() < 0.4:
+            index.release(held.pop(rng.randrange(len(held))))
+        else:
+            tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 6) * BLOCK)]
+            keys = chain_keys(rng.choice(namespaces), tokens, BLOCK)
+            hit = keys[: index.match(keys)]
+            index.acquire(hit)
+            for key in keys[len(hit) :]:
+                if not _insert(index, key, nbytes=rng.choice([10, 20])):
+                    break
+                index.acquire([key])
+                hit.append(key)
+            index.touch(hit)
+            held.append(hit)
+        assert index.nbytes <= index.budget_bytes
+        in_use: dict[bytes, int] = {}
+        for chain in held:
+            for key in chain:
+                in_use[key] = in_use.get(key, 0) + 1
+        for key, count in in_use.items():
+            assert key in index and index.refs(key) == count
+    assert index.evictions > 0  # the workload did exercise eviction
