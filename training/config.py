@@ -93,8 +93,9 @@ class ScheduleSettings:
 
 @dataclass
 class SurgerySettings:
-    method: str = doc("gradient surgery on the shared adapter: none | pcgrad | gradvac", default="pcgrad")
+    method: str = doc("gradient surgery on the shared adapter: none | pcgrad | gradvac | cagrad", default="pcgrad")
     gradvac_beta: float = doc("GradVac EMA rate of the cosine targets", default=0.01)
+    c: float = doc("CAGrad radius in [0, 1): how far the update may leave the mean gradient (0 = plain sum)", default=0.5)
 
 
 @dataclass
@@ -132,7 +133,9 @@ class TrainConfig:
         _choice("data.overlong", self.data.overlong, ("truncate", "drop"))
         _choice("sampling.strategy", self.sampling.strategy, ("proportional", "temperature", "weights", "cap"))
         _choice("schedule.kind", self.schedule.kind, ("cosine", "linear", "constant"))
-        _choice("surgery.method", self.surgery.method, ("none", "pcgrad", "gradvac"))
+        _choice("surgery.method", self.surgery.method, ("none", "pcgrad", "gradvac", "cagrad"))
+        if not 0 <= self.surgery.c < 1:
+            raise ConfigError(f"surgery.c must be in [0, 1), got {self.surgery.c}; 0.5 is CAGrad's usual value")
         _positive("schedule.max_steps", self.schedule.max_steps)
         _positive("batching.batch_tokens", self.batching.batch_tokens)
         _positive("batching.accumulation", self.batching.accumulation)

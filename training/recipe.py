@@ -104,7 +104,7 @@ class MultiTaskTrainer:
             self.adapters.named_parameters(), opt.lr, opt.weight_decay, self.model.config.num_hidden_layers, opt.layer_decay
         )
         self.optimizer = build_optimizer(groups, (opt.betas[0], opt.betas[1]), opt.eps)
-        self.surgery = Surgery(config.surgery.method, len(tasks), config.seed, config.surgery.gradvac_beta)
+        self.surgery = Surgery(config.surgery.method, len(tasks), config.seed, config.surgery.gradvac_beta, config.surgery.c)
         sizes = [len(self.train_data[self.task_names[i]].examples) for i in self.trainable_tasks]
         weights = [config.tasks[i].weight for i in self.trainable_tasks]
         s = config.sampling
