@@ -51,6 +51,23 @@ def train_step(
     lr_multiplier: float,
     clip_norm: float | None,
 ) -> StepStats:
+    """The model is in training mode (LoRA dropout on) inside a step only."""
+    model.train()
+    try:
+        return _train_step(model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm)
+    finally:
+        model.eval()
+
+
+def _train_step(
+    model: CausalLM,
+    adapters: TaskAdapters,
+    optimizer: torch.optim.Optimizer,
+    surgery: Surgery,
+    micro_batches: Sequence[MicroBatch],
+    lr_multiplier: float,
+    clip_norm: float | None,
+) -> StepStats:
     num_tasks = adapters.num_tasks
     total_tokens = sum(b.num_answer_tokens for b in micro_batches)
     if total_tokens == 0:
