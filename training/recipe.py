@@ -26,6 +26,7 @@ from training.data import TaskData, load_task_file
 from training.data_prep import PrepSettings
 from training.export import export_adapters
 from training.optim import build_optimizer, lr_multiplier, param_groups
+from training.progress import Progress
 from training.report import RunLog, write_plots
 from training.sampling import TaskSampler, mixing_probabilities
 from training.step import StepStats, evaluate_loss, train_step
@@ -185,27 +186,27 @@ class MultiTaskTrainer:
             log.info("resumed at step %d", self.step)
         run_log = RunLog(self.output / "log.jsonl", resume_step=self.step if resume else None)
         if not resume:
-            run_log.write({"kind": "setup", "step": 0, "tasks": self.task_names, "mix": dict(zip(
+            run_log.write({"kind": "setup", "step": 0, "world_size": 1, "tasks": self.task_names, "mix": dict(zip(
                 [self.task_names[i] for i in self.trainable_tasks], self.mix)),
                 "data": {n: d.report() for n, d in self.train_data.items()},
                 "eval_data": {n: d.report() for n, d in self.eval_data.items()}})
         total = config.schedule.max_steps
-        bar = _progress(total, self.step, config.progress)
+        self.progress = Progress(total, self.step, config.progress)
         while self.step < total and not self.stopped_early:
+            self.progress.start_step()
             plan = self.planner.next_step()
             multiplier = lr_multiplier(self.step, total, config.schedule.warmup_steps, config.schedule.kind, config.schedule.min_lr_ratio)
             stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(plan), multiplier, config.optimizer.clip_norm)
             self.step += 1
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"the loss became {stats.loss} at step {self.step}; lower optimizer.lr or set optimizer.clip_norm")
-            run_log.write(self._step_record(stats, multiplier))
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}")
+            pace = self.progress.end_step(stats.tokens, stats.loss)
+            run_log.write({**self._step_record(stats, multiplier), **asdict(pace)})
             if config.eval.every and self.step % config.eval.every == 0:
                 self._evaluate(run_log)
             if config.checkpoint.every and self.step % config.checkpoint.every == 0:
                 save_checkpoint(self.output, self.step, self.state_dict(), config.checkpoint.keep)
-        bar.close()
+        self.progress.close()
         if self.eval_batches and (not config.eval.every or self.step % config.eval.every):
             self._evaluate(run_log)
         self._export(self.output / "last")
@@ -244,6 +245,7 @@ class MultiTaskTrainer:
         mean = sum(r["loss"] for r in results.values()) / len(results)
         improved = self.best_eval is None or mean < self.best_eval
         run_log.write({"kind": "eval", "step": self.step, "tasks": results, "mean_loss": mean, "improved": improved})
+        self.progress.show_eval(mean, {name: r["loss"] for name, r in results.items()})
         if improved:
             self.best_eval, self.evals_without_gain = mean, 0
             self._export(self.output / "best")
@@ -264,12 +266,6 @@ class MultiTaskTrainer:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-
-def _progress(total: int, done: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 def _write_json(path: Path, value: dict) -> None:
