@@ -34,12 +34,19 @@ class StepStats:
 
 
 def token_losses(model: CausalLM, adapters: TaskAdapters, batch: MicroBatch) -> torch.Tensor:
-    """(B, L) cross-entropy of each position's next token; 0 where the label is ignored."""
-    logits = model(batch.input_ids, routing=adapters.routing(batch.task_ids))  # (B, L, V)
-    flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return flat.view(batch.labels.shape)
+    """(B, L) cross-entropy of each position's next token; 0 where the label is ignored.
+
+    The LM head runs on the labelled positions only: over a large vocabulary it is a large share
+    of the model's FLOPs, and most positions are prompt or padding, whose logits no loss reads."""
+    rows, length = batch.input_ids.shape
+    positions = torch.arange(length, device=batch.input_ids.device).expand(rows, length)
+    routing = adapters.routing(batch.task_ids)
+    hidden = model.hidden_states(batch.input_ids, positions, routing=routing, plain_causal=True)  # (B, L, H)
+    labelled = batch.labels != IGNORE_INDEX  # (B, L)
+    logits = model.lm_head(hidden[labelled])  # (N, V), N = answer tokens
+    losses = hidden.new_zeros(batch.labels.shape)
+    losses[labelled] = F.cross_entropy(logits, batch.labels[labelled], reduction="none")
+    return losses
 
 
 def train_step(
