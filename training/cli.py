@@ -48,6 +48,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import json
 
+    from training.distributed import Distributed
     from training.recipe import MultiTaskTrainer, describe
 
     config = load_config(args.config)
@@ -60,8 +61,13 @@ def run_train(args: argparse.Namespace) -> int:
             "trainable_parameters": sum(p.numel() for _, p in trainer.adapters.named_parameters()),
         }, indent=2))
         return 0
-    summary = MultiTaskTrainer(config).train(resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    distributed = Distributed.from_environment()  # torchrun's processes join one job
+    try:
+        summary = MultiTaskTrainer(config, distributed=distributed).train(resume=args.resume)
+    finally:
+        distributed.close()
+    if distributed.is_main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

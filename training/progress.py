@@ -24,11 +24,15 @@ class StepPace:
 class Progress:
     """A tqdm bar (or log lines every ~5% of the run) with speed, ETA, loss and eval figures."""
 
-    def __init__(self, total_steps: int, done_steps: int, show_bar: bool, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, total_steps: int, done_steps: int, show_bar: bool, clock: Callable[[], float] = time.perf_counter, log_lines: bool = True
+    ) -> None:
+        """`log_lines`: log the figures when the bar is off (False on all but one process)."""
         from tqdm import tqdm
 
         self.total, self.done = total_steps, done_steps
         self.show_bar = show_bar
+        self.log_lines = log_lines and not show_bar
         self.bar = tqdm(total=total_steps, initial=done_steps, disable=not show_bar, unit="step", dynamic_ncols=True)
         self.recent: list[float] = []
         self.eval_text = ""
@@ -48,7 +52,7 @@ class Progress:
             text["eval"] = self.eval_text
         self.bar.update(1)
         self.bar.set_postfix(text)
-        if not self.show_bar and (self.done % max(1, self.total // 20) == 0 or self.done == self.total):
+        if self.log_lines and (self.done % max(1, self.total // 20) == 0 or self.done == self.total):
             log.info("step %d/%d  loss %.4f  %.0f tok/s  %.2f s/step  ETA %s%s", self.done, self.total, loss,
                      pace.tokens_per_second, seconds, format_duration(pace.eta_seconds),
                      f"  eval {self.eval_text}" if self.eval_text else "")
@@ -56,7 +60,7 @@ class Progress:
 
     def show_eval(self, mean_loss: float, task_losses: dict[str, float]) -> None:
         self.eval_text = f"{mean_loss:.4f}"
-        if not self.show_bar:
+        if self.log_lines:
             per_task = ", ".join(f"{name} {loss:.4f}" for name, loss in task_losses.items())
             log.info("eval at step %d: mean loss %.4f (%s)", self.done, mean_loss, per_task)
 

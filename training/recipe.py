@@ -23,6 +23,7 @@ from training.batching import BatchPlanner, MicroBatch, collate, pack_by_length
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import AdapterSettings, TrainConfig
 from training.data import TaskData, load_task_file
+from training.distributed import Distributed, SilentLog
 from training.data_prep import PrepSettings
 from training.export import export_adapters
 from training.optim import build_optimizer, lr_multiplier, param_groups
@@ -48,9 +49,11 @@ def lora_config(settings: AdapterSettings, base_model: str) -> LoraConfig:
 
 
 class MultiTaskTrainer:
-    def __init__(self, config: TrainConfig, model=None, tokenizer=None) -> None:
-        """`model`/`tokenizer` may be passed in (tests, benchmarks); otherwise `config.model` is loaded."""
+    def __init__(self, config: TrainConfig, model=None, tokenizer=None, distributed: Distributed | None = None) -> None:
+        """`model`/`tokenizer` may be passed in (tests, benchmarks); otherwise `config.model` is loaded.
+        `distributed`: this process's rank under torchrun (default: a single process)."""
         self.config = config
+        self.distributed = distributed or Distributed()
         self.output = Path(config.output_dir)
         if model is None:
             model, tokenizer = load_pretrained(config.model)
@@ -184,19 +187,24 @@ class MultiTaskTrainer:
         if resume:
             self.load_state_dict(load_checkpoint(self.output, None if resume is True else resume))
             log.info("resumed at step %d", self.step)
-        run_log = RunLog(self.output / "log.jsonl", resume_step=self.step if resume else None)
+        main = self.distributed.is_main
+        run_log = RunLog(self.output / "log.jsonl", resume_step=self.step if resume else None) if main else SilentLog()
+        if self.distributed.rank:  # other dropout masks than rank 0's, reproducibly
+            torch.manual_seed(config.seed + 1_000_003 * self.distributed.rank + self.step)
         if not resume:
-            run_log.write({"kind": "setup", "step": 0, "world_size": 1, "tasks": self.task_names, "mix": dict(zip(
+            run_log.write({"kind": "setup", "step": 0, "world_size": self.distributed.world_size, "tasks": self.task_names, "mix": dict(zip(
                 [self.task_names[i] for i in self.trainable_tasks], self.mix)),
                 "data": {n: d.report() for n, d in self.train_data.items()},
                 "eval_data": {n: d.report() for n, d in self.eval_data.items()}})
         total = config.schedule.max_steps
-        self.progress = Progress(total, self.step, config.progress)
+        self.progress = Progress(total, self.step, config.progress and main, log_lines=main)
         while self.step < total and not self.stopped_early:
             self.progress.start_step()
             plan = self.planner.next_step()
             multiplier = lr_multiplier(self.step, total, config.schedule.warmup_steps, config.schedule.kind, config.schedule.min_lr_ratio)
-            stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(plan), multiplier, config.optimizer.clip_norm)
+            share = self.distributed.share_of_step(plan, self.planner.lengths, config.batching.batch_tokens)
+            stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(share), multiplier,
+                               config.optimizer.clip_norm, self.distributed)
             self.step += 1
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"the loss became {stats.loss} at step {self.step}; lower optimizer.lr or set optimizer.clip_norm")
@@ -204,7 +212,7 @@ class MultiTaskTrainer:
             run_log.write({**self._step_record(stats, multiplier), **asdict(pace)})
             if config.eval.every and self.step % config.eval.every == 0:
                 self._evaluate(run_log)
-            if config.checkpoint.every and self.step % config.checkpoint.every == 0:
+            if main and config.checkpoint.every and self.step % config.checkpoint.every == 0:
                 save_checkpoint(self.output, self.step, self.state_dict(), config.checkpoint.keep)
         self.progress.close()
         if self.eval_batches and (not config.eval.every or self.step % config.eval.every):
@@ -214,8 +222,9 @@ class MultiTaskTrainer:
             self._export(self.output / "best")
         summary = {"steps": self.step, "stopped_early": self.stopped_early, "best_eval_loss": self.best_eval,
                    "realised_mix": dict(zip([self.task_names[i] for i in self.trainable_tasks], self.planner.sampler.realised_mix()))}
-        _write_json(self.output / "summary.json", summary)
-        if config.plots:
+        if main:
+            _write_json(self.output / "summary.json", summary)
+        if main and config.plots:
             write_plots(self.output / "log.jsonl", self.output / "plots", self.task_names)
         return summary
 
@@ -257,6 +266,8 @@ class MultiTaskTrainer:
 
     def _export(self, folder: Path) -> None:
         """Every trained adapter as PEFT; frozen adapters are never rewritten (their files stay as they were)."""
+        if not self.distributed.is_main:
+            return
         trained = {p.name: self.adapters.weights(p.name) for p in self.adapters.plans[: self.adapters.num_tasks] if not p.frozen}
         shared = self.adapters.weights("shared") if self.adapters.shared_slot is not None else None
         staging = staging_folder(folder)

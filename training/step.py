@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from backbone.model import CausalLM
 from training.batching import IGNORE_INDEX, MicroBatch
+from training.distributed import Distributed
 from training.optim import set_lr
 from training.surgery import Surgery, conflict_rate, cosine_matrix
 from training.task_adapters import TaskAdapters
@@ -57,11 +58,13 @@ def train_step(
     micro_batches: Sequence[MicroBatch],
     lr_multiplier: float,
     clip_norm: float | None,
+    distributed: Distributed | None = None,
 ) -> StepStats:
-    """The model is in training mode (LoRA dropout on) inside a step only."""
+    """The model is in training mode (LoRA dropout on) inside a step only. With `distributed`,
+    `micro_batches` are this rank's share of the step and the result is the global step's."""
     model.train()
     try:
-        return _train_step(model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm)
+        return _train_step(model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm, distributed or Distributed())
     finally:
         model.eval()
 
@@ -74,9 +77,10 @@ def _train_step(
     micro_batches: Sequence[MicroBatch],
     lr_multiplier: float,
     clip_norm: float | None,
+    distributed: Distributed,
 ) -> StepStats:
     num_tasks = adapters.num_tasks
-    total_tokens = sum(b.num_answer_tokens for b in micro_batches)
+    total_tokens = distributed.sum_count(sum(b.num_answer_tokens for b in micro_batches))
     if total_tokens == 0:
         raise ValueError("a training step has no answer tokens; every example lost its answer to truncation")
     optimizer.zero_grad(set_to_none=True)
@@ -90,6 +94,7 @@ def _train_step(
         task_loss_sums.index_add_(0, batch.task_ids, losses.detach().sum(1).double())
         task_tokens += batch.task_answer_tokens(num_tasks)
         tokens += int(batch.lengths.sum())
+    tokens = distributed.sum_step(adapters, task_loss_sums, task_tokens, tokens)  # before surgery
     present = task_tokens > 0
 
     # A task without rows this step must not move (no weight decay, no stale momentum).
