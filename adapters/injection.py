@@ -20,7 +20,7 @@ def inject_lora(model: CausalLM, module_names: Iterable[str], num_slots: int, ma
         module = linears[name]
         if not isinstance(module, LoraLinear):
             parent_name, _, child = name.rpartition(".")
-            module = LoraLinear(module, num_slots, max_rank)
+            module = LoraLinear(module, num_slots, max_rank).train(model.training)  # a new module starts in training mode
             setattr(model.get_submodule(parent_name), child, module)
         layers[name] = module
     return layers

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.binned_grad import TaskGradSink, binned_shared_delta
+from adapters.lora_dropout import adapter_dropout
 from adapters.routing import AdapterRouting
 from backbone.model import Projection
 
@@ -121,12 +122,16 @@ class LoraLinear(Projection):
         lora_A, lora_B = self._stacks()
         # Rank 0: none of the batch's adapters targets this module (e.g. q/v-only adapters on an MLP).
         rank = max((self.slot_ranks[slot] for slot in routing.active_list), default=0)
+        # LoRA dropout touches the adapters' input only, and only while training.
+        dropping = self.training and routing.dropout is not None
         if rank > 0:
-            out = self._add_per_row_delta(out, x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
+            row_x = adapter_dropout(x, routing.dropout.row_rates) if dropping else x
+            out = self._add_per_row_delta(out, row_x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
         if routing.shared_slot is not None:
+            shared_x = adapter_dropout(x, routing.dropout.shared_rate) if dropping else x
             # The shared slot's own weights (fp32 when trained), not the stack's cast copy, so its
             # per-task gradient bins are computed against the parameters themselves.
-            out = out + self._shared_delta(x, routing, *self.slot_weights(routing.shared_slot))
+            out = out + self._shared_delta(shared_x, routing, *self.slot_weights(routing.shared_slot))
         return out
 
     def _add_per_row_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:

@@ -9,6 +9,14 @@ import torch
 
 
 @dataclass
+class DropoutRates:
+    """LoRA dropout of one training batch: each row's adapter rate and the shared adapter's."""
+
+    row_rates: torch.Tensor | None  # (B,) float; None = no dropout on the rows' own adapters
+    shared_rate: float = 0.0
+
+
+@dataclass
 class AdapterRouting:
     """Travels with one forward call (never stored on modules), so concurrent batches are apart.
 
@@ -16,12 +24,14 @@ class AdapterRouting:
     shared_slot: a slot added to every row on top of its own (training's shared adapter).
     task_ids: (B,) long, each row's task, with `num_tasks`: the shared slot's backward then also
       bins its weight gradients per task (gradient surgery from one backward pass).
+    dropout: LoRA dropout rates (training); layers apply them only in training mode.
     """
 
     slot_ids: torch.Tensor
     shared_slot: int | None = None
     task_ids: torch.Tensor | None = None
     num_tasks: int = 0
+    dropout: DropoutRates | None = None
     # Derived once per batch, reused by every layer: the distinct slots in use and, for each
     # row, its position among them.
     active_slots: torch.Tensor = field(init=False)

@@ -54,6 +54,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import json
 
+    from training.distributed import Distributed
     from training.recipe import MultiTaskTrainer, describe
 
     config = load_config(args.config)
@@ -70,10 +71,15 @@ def run_train(args: argparse.Namespace) -> int:
             "trainable_parameters": sum(p.numel() for _, p in trainer.adapters.named_parameters()),
         }, indent=2))
         return 0
-    summary = MultiTaskTrainer(config).train(resume=args.resume)
-    print(json.dumps(summary, indent=2))
-    print(f"loraplex train: device {summary['device']}, dtype {summary['dtype']}, peak device memory "
-          f"{summary['peak_device_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    distributed = Distributed.from_environment()  # torchrun's processes join one job
+    try:
+        summary = MultiTaskTrainer(config, distributed=distributed).train(resume=args.resume)
+    finally:
+        distributed.close()
+    if distributed.is_main:
+        print(json.dumps(summary, indent=2))
+        print(f"loraplex train: device {summary['device']}, dtype {summary['dtype']}, peak device memory "
+              f"{summary['peak_device_memory_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     return 0
 
 

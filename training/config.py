@@ -31,7 +31,7 @@ class AdapterSettings:
     alpha: float = doc("LoRA alpha; scale = alpha / r (alpha / sqrt(r) with rslora)", default=16.0)
     targets: list[str] | str = doc("modules to adapt: names like [q_proj, v_proj] or 'all-linear'",
                                    default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dropout: float = doc("LoRA dropout on the adapter input; only 0 is supported by the LoRA layer", default=0.0)
+    dropout: float = doc("LoRA dropout on the adapter's input while training, in [0, 1), e.g. 0.05", default=0.0)
     rslora: bool = doc("rank-stabilised scale alpha / sqrt(r)", default=False)
     init_from: str | None = doc("a PEFT adapter folder to start from (its own r/alpha/targets then apply)", default=None)
     frozen: bool = doc("keep this adapter fixed (requires init_from); its files are never rewritten", default=False)
@@ -93,8 +93,9 @@ class ScheduleSettings:
 
 @dataclass
 class SurgerySettings:
-    method: str = doc("gradient surgery on the shared adapter: none | pcgrad | gradvac", default="pcgrad")
+    method: str = doc("gradient surgery on the shared adapter: none | pcgrad | gradvac | cagrad", default="pcgrad")
     gradvac_beta: float = doc("GradVac EMA rate of the cosine targets", default=0.01)
+    c: float = doc("CAGrad radius in [0, 1): how far the update may leave the mean gradient (0 = plain sum)", default=0.5)
 
 
 @dataclass
@@ -135,7 +136,9 @@ class TrainConfig:
         _choice("data.overlong", self.data.overlong, ("truncate", "drop"))
         _choice("sampling.strategy", self.sampling.strategy, ("proportional", "temperature", "weights", "cap"))
         _choice("schedule.kind", self.schedule.kind, ("cosine", "linear", "constant"))
-        _choice("surgery.method", self.surgery.method, ("none", "pcgrad", "gradvac"))
+        _choice("surgery.method", self.surgery.method, ("none", "pcgrad", "gradvac", "cagrad"))
+        if not 0 <= self.surgery.c < 1:
+            raise ConfigError(f"surgery.c must be in [0, 1), got {self.surgery.c}; 0.5 is CAGrad's usual value")
         _positive("schedule.max_steps", self.schedule.max_steps)
         _positive("batching.batch_tokens", self.batching.batch_tokens)
         _positive("batching.accumulation", self.batching.accumulation)
@@ -168,8 +171,8 @@ class TrainConfig:
 def _check_adapter(where: str, adapter: AdapterSettings) -> None:
     if adapter.r <= 0:
         raise ConfigError(f"{where}.r must be a positive integer, got {adapter.r}; e.g. r: 8")
-    if adapter.dropout != 0:
-        raise ConfigError(f"{where}.dropout={adapter.dropout}: LoRA dropout is not supported yet; set dropout: 0")
+    if not 0 <= adapter.dropout < 1:
+        raise ConfigError(f"{where}.dropout must be in [0, 1), got {adapter.dropout}; e.g. dropout: 0.05 (0 = off)")
     if adapter.frozen and not adapter.init_from:
         raise ConfigError(f"{where}.frozen needs {where}.init_from (the adapter folder to keep fixed)")
 

@@ -23,10 +23,12 @@ from training.batching import BatchPlanner, MicroBatch, collate, pack_by_length
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import AdapterSettings, TrainConfig
 from training.data import TaskData, load_task_file
+from training.distributed import Distributed, SilentLog
 from training.data_prep import PrepSettings
 from training.device_setup import grad_scaler_for, model_precision, peak_memory_bytes, reset_peak_memory, training_precision
 from training.export import export_adapters
 from training.optim import build_optimizer, lr_multiplier, param_groups
+from training.progress import Progress
 from training.report import RunLog, write_plots
 from training.sampling import TaskSampler, mixing_probabilities
 from training.step import StepStats, evaluate_loss, train_step
@@ -48,9 +50,11 @@ def lora_config(settings: AdapterSettings, base_model: str) -> LoraConfig:
 
 
 class MultiTaskTrainer:
-    def __init__(self, config: TrainConfig, model=None, tokenizer=None) -> None:
-        """`model`/`tokenizer` may be passed in (tests, benchmarks); otherwise `config.model` is loaded."""
+    def __init__(self, config: TrainConfig, model=None, tokenizer=None, distributed: Distributed | None = None) -> None:
+        """`model`/`tokenizer` may be passed in (tests, benchmarks); otherwise `config.model` is loaded.
+        `distributed`: this process's rank under torchrun (default: a single process)."""
         self.config = config
+        self.distributed = distributed or Distributed()
         self.output = Path(config.output_dir)
         if model is None:
             precision = training_precision(config.device, config.dtype)
@@ -108,7 +112,7 @@ class MultiTaskTrainer:
             self.adapters.named_parameters(), opt.lr, opt.weight_decay, self.model.config.num_hidden_layers, opt.layer_decay
         )
         self.optimizer = build_optimizer(groups, (opt.betas[0], opt.betas[1]), opt.eps)
-        self.surgery = Surgery(config.surgery.method, len(tasks), config.seed, config.surgery.gradvac_beta)
+        self.surgery = Surgery(config.surgery.method, len(tasks), config.seed, config.surgery.gradvac_beta, config.surgery.c)
         sizes = [len(self.train_data[self.task_names[i]].examples) for i in self.trainable_tasks]
         weights = [config.tasks[i].weight for i in self.trainable_tasks]
         s = config.sampling
@@ -190,31 +194,36 @@ class MultiTaskTrainer:
         if resume:
             self.load_state_dict(load_checkpoint(self.output, None if resume is True else resume))
             log.info("resumed at step %d", self.step)
-        run_log = RunLog(self.output / "log.jsonl", resume_step=self.step if resume else None)
+        main = self.distributed.is_main
+        run_log = RunLog(self.output / "log.jsonl", resume_step=self.step if resume else None) if main else SilentLog()
+        if self.distributed.rank:  # other dropout masks than rank 0's, reproducibly
+            torch.manual_seed(config.seed + 1_000_003 * self.distributed.rank + self.step)
         if not resume:
-            run_log.write({"kind": "setup", "step": 0, "tasks": self.task_names, "mix": dict(zip(
+            run_log.write({"kind": "setup", "step": 0, "world_size": self.distributed.world_size, "tasks": self.task_names, "mix": dict(zip(
                 [self.task_names[i] for i in self.trainable_tasks], self.mix)),
                 "data": {n: d.report() for n, d in self.train_data.items()},
                 "eval_data": {n: d.report() for n, d in self.eval_data.items()}})
         total = config.schedule.max_steps
         reset_peak_memory(self.device)
         log.info("training on %s in %s (LoRA weights and optimizer state float32)", self.device, _dtype_name(self.dtype))
-        bar = _progress(total, self.step, config.progress)
+        self.progress = Progress(total, self.step, config.progress and main, log_lines=main)
         while self.step < total and not self.stopped_early:
+            self.progress.start_step()
             plan = self.planner.next_step()
             multiplier = lr_multiplier(self.step, total, config.schedule.warmup_steps, config.schedule.kind, config.schedule.min_lr_ratio)
-            stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(plan), multiplier, config.optimizer.clip_norm, self.scaler)
+            share = self.distributed.share_of_step(plan, self.planner.lengths, config.batching.batch_tokens)
+            stats = train_step(self.model, self.adapters, self.optimizer, self.surgery, self.micro_batches(share), multiplier,
+                               config.optimizer.clip_norm, self.scaler, self.distributed)
             self.step += 1
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"the loss became {stats.loss} at step {self.step}; lower optimizer.lr or set optimizer.clip_norm")
-            run_log.write(self._step_record(stats, multiplier))
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}")
+            pace = self.progress.end_step(stats.tokens, stats.loss)
+            run_log.write({**self._step_record(stats, multiplier), **asdict(pace)})
             if config.eval.every and self.step % config.eval.every == 0:
                 self._evaluate(run_log)
-            if config.checkpoint.every and self.step % config.checkpoint.every == 0:
+            if main and config.checkpoint.every and self.step % config.checkpoint.every == 0:
                 save_checkpoint(self.output, self.step, self.state_dict(), config.checkpoint.keep)
-        bar.close()
+        self.progress.close()
         if self.eval_batches and (not config.eval.every or self.step % config.eval.every):
             self._evaluate(run_log)
         self._export(self.output / "last")
@@ -224,8 +233,9 @@ class MultiTaskTrainer:
                    "realised_mix": dict(zip([self.task_names[i] for i in self.trainable_tasks], self.planner.sampler.realised_mix())),
                    "device": str(self.device), "dtype": _dtype_name(self.dtype),
                    "peak_device_memory_bytes": peak_memory_bytes(self.device)}
-        _write_json(self.output / "summary.json", summary)
-        if config.plots:
+        if main:
+            _write_json(self.output / "summary.json", summary)
+        if main and config.plots:
             write_plots(self.output / "log.jsonl", self.output / "plots", self.task_names)
         return summary
 
@@ -255,6 +265,7 @@ class MultiTaskTrainer:
         mean = sum(r["loss"] for r in results.values()) / len(results)
         improved = self.best_eval is None or mean < self.best_eval
         run_log.write({"kind": "eval", "step": self.step, "tasks": results, "mean_loss": mean, "improved": improved})
+        self.progress.show_eval(mean, {name: r["loss"] for name, r in results.items()})
         if improved:
             self.best_eval, self.evals_without_gain = mean, 0
             self._export(self.output / "best")
@@ -266,6 +277,8 @@ class MultiTaskTrainer:
 
     def _export(self, folder: Path) -> None:
         """Every trained adapter as PEFT; frozen adapters are never rewritten (their files stay as they were)."""
+        if not self.distributed.is_main:
+            return
         trained = {p.name: self.adapters.weights(p.name) for p in self.adapters.plans[: self.adapters.num_tasks] if not p.frozen}
         shared = self.adapters.weights("shared") if self.adapters.shared_slot is not None else None
         staging = staging_folder(folder)
@@ -279,12 +292,6 @@ class MultiTaskTrainer:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _progress(total: int, done: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 def _write_json(path: Path, value: dict) -> None:

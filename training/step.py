@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from backbone.model import CausalLM
 from training.batching import IGNORE_INDEX, MicroBatch
+from training.distributed import Distributed
 from training.optim import set_lr
 from training.surgery import Surgery, conflict_rate, cosine_matrix
 from training.task_adapters import TaskAdapters
@@ -34,16 +35,23 @@ class StepStats:
 
 
 def token_losses(model: CausalLM, adapters: TaskAdapters, batch: MicroBatch) -> torch.Tensor:
-    """(B, L) cross-entropy of each position's next token, in fp32; 0 where the label is ignored."""
+    """(B, L) cross-entropy of each position's next token, in fp32; 0 where the label is ignored.
+
+    The LM head runs on the labelled positions only: over a large vocabulary it is a large share
+    of the model's FLOPs, and most positions are prompt or padding, whose logits no loss reads."""
     device = model.inv_freq.device
-    logits = model(batch.input_ids.to(device), routing=adapters.routing(batch.task_ids.to(device)))  # (B, L, V)
+    input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+    rows, length = input_ids.shape
+    positions = torch.arange(length, device=device).expand(rows, length)
+    routing = adapters.routing(batch.task_ids.to(device))
+    hidden = model.hidden_states(input_ids, positions, routing=routing, plain_causal=True)  # (B, L, H)
+    labelled = labels != IGNORE_INDEX  # (B, L)
     # The log-softmax over the vocabulary in fp32: in bf16 its sum of exponentials keeps 8 bits,
     # which is visible in the loss and its gradients (a no-op for an fp32 model).
-    flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), batch.labels.to(device).reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    )  # fmt: skip
-    return flat.view(batch.labels.shape)
+    logits = model.lm_head(hidden[labelled]).float()  # (N, V), N = answer tokens
+    losses = torch.zeros(labels.shape, device=device, dtype=torch.float32)
+    losses[labelled] = F.cross_entropy(logits, labels[labelled], reduction="none")
+    return losses
 
 
 def train_step(
@@ -55,12 +63,35 @@ def train_step(
     lr_multiplier: float,
     clip_norm: float | None,
     scaler: torch.amp.GradScaler | None = None,
+    distributed: Distributed | None = None,
+) -> StepStats:
+    """The model is in training mode (LoRA dropout on) inside a step only. With `distributed`,
+    `micro_batches` are this rank's share of the step and the result is the global step's."""
+    model.train()
+    try:
+        return _train_step(
+            model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm, scaler, distributed or Distributed()
+        )
+    finally:
+        model.eval()
+
+
+def _train_step(
+    model: CausalLM,
+    adapters: TaskAdapters,
+    optimizer: torch.optim.Optimizer,
+    surgery: Surgery,
+    micro_batches: Sequence[MicroBatch],
+    lr_multiplier: float,
+    clip_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+    distributed: Distributed,
 ) -> StepStats:
     """`scaler`: a gradient scaler for an fp16 base, whose activation gradients underflow
     unscaled; the step is skipped (and the scale lowered) when a gradient is not finite."""
     num_tasks = adapters.num_tasks
     device = model.inv_freq.device
-    total_tokens = sum(b.num_answer_tokens for b in micro_batches)
+    total_tokens = distributed.sum_count(sum(b.num_answer_tokens for b in micro_batches))
     if total_tokens == 0:
         raise ValueError("a training step has no answer tokens; every example lost its answer to truncation")
     optimizer.zero_grad(set_to_none=True)
@@ -76,6 +107,7 @@ def train_step(
         task_loss_sums.index_add_(0, batch.task_ids.to(device), losses.detach().sum(1).double())
         task_tokens += batch.task_answer_tokens(num_tasks)
         tokens += int(batch.lengths.sum())
+    tokens = distributed.sum_step(adapters, task_loss_sums, task_tokens, tokens)  # before surgery
     present = task_tokens > 0
 
     # A task without rows this step must not move (no weight decay, no stale momentum).

@@ -19,7 +19,7 @@ from adapters.binned_grad import TaskGradSink
 from adapters.config import LoraConfig, target_module_names
 from adapters.injection import inject_lora
 from adapters.lora_layer import LoraLinear
-from adapters.routing import AdapterRouting
+from adapters.routing import AdapterRouting, DropoutRates
 from adapters.weights import AdapterWeights, initial_lora_weights, read_slot
 from backbone.model import CausalLM
 
@@ -35,6 +35,7 @@ class SlotPlan:
     config: LoraConfig
     frozen: bool = False
     modules: list[str] = field(default_factory=list)  # targeted module names, model order
+    dropout: float = 0.0  # LoRA dropout while training; a frozen adapter never drops
 
 
 @dataclass
@@ -66,7 +67,8 @@ class TaskAdapters:
                     f"adapter {source.name!r}: target_modules {config.target_modules!r} match no module of the model; "
                     "use names like q_proj, v_proj, down_proj or 'all-linear'"
                 )
-            self.plans.append(SlotPlan(source.name, slot, config, source.frozen, modules))
+            dropout = 0.0 if source.frozen else float(source.config.lora_dropout)
+            self.plans.append(SlotPlan(source.name, slot, config, source.frozen, modules, dropout))
         union = [m for m in model.linear_modules() if any(m in plan.modules for plan in self.plans)]
         max_rank = max(plan.config.rank_for(m) for plan in self.plans for m in plan.modules)
         self.layers: dict[str, LoraLinear] = inject_lora(model, union, len(self.plans), max_rank)
@@ -116,7 +118,18 @@ class TaskAdapters:
 
     def routing(self, task_ids: torch.Tensor) -> AdapterRouting:
         """Each row through its own task's slot (slot t = task t), plus the shared slot."""
-        return AdapterRouting(slot_ids=task_ids, shared_slot=self.shared_slot, task_ids=task_ids, num_tasks=self.num_tasks)
+        return AdapterRouting(
+            slot_ids=task_ids, shared_slot=self.shared_slot, task_ids=task_ids, num_tasks=self.num_tasks,
+            dropout=self._dropout_rates(task_ids),
+        )
+
+    def _dropout_rates(self, task_ids: torch.Tensor) -> DropoutRates | None:
+        task_rates = [plan.dropout for plan in self.plans[: self.num_tasks]]
+        shared_rate = self.plans[self.shared_slot].dropout if self.shared_slot is not None else 0.0
+        if not any(task_rates) and not shared_rate:
+            return None
+        row_rates = torch.tensor(task_rates, device=task_ids.device)[task_ids] if any(task_rates) else None
+        return DropoutRates(row_rates, shared_rate)
 
     @property
     def trains_shared(self) -> bool:

@@ -20,7 +20,7 @@ def test_unknown_and_mistyped_keys_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match="missing required key 'output_dir'"):
         build(TrainConfig, {"model": "m", "tasks": []})
     config = build(TrainConfig, {**MINIMAL, "surgery": {"method": "pcgard"}})
-    with pytest.raises(ConfigError, match="surgery.method: 'pcgard' is not one of none, pcgrad, gradvac"):
+    with pytest.raises(ConfigError, match="surgery.method: 'pcgard' is not one of none, pcgrad, gradvac, cagrad"):
         config.validate()
 
 
@@ -53,3 +53,9 @@ def test_layerwise_lr_and_no_decay_on_vectors():
     assert groups[("model.layers.2.self_attn.q_proj.a.lora_A",)]["lr"] == 1.0
     assert groups[("model.layers.0.self_attn.q_proj.a.lora_A",)]["lr"] == 0.25
     assert groups[("model.norm.weight",)]["weight_decay"] == 0.0
+
+
+def test_cagrad_c_out_of_range_names_the_key():
+    config = build(TrainConfig, {**MINIMAL, "surgery": {"method": "cagrad", "c": 1.0}})
+    with pytest.raises(ConfigError, match=r"surgery.c must be in \[0, 1\), got 1.0"):
+        config.validate()

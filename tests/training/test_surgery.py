@@ -1,10 +1,21 @@
-"""PCGrad and GradVac against the papers' definitions on hand-made gradients."""
+"""PCGrad, GradVac and CAGrad against the papers' definitions on hand-made gradients."""
 
 import math
 
+import pytest
 import torch
 
-from training.surgery import GradVac, Surgery, conflict_rate, cosine_matrix, pcgrad
+from training.surgery import (
+    EXACT_CAGRAD_TASKS,
+    GradVac,
+    Surgery,
+    SurgeryError,
+    cagrad,
+    cagrad_dual_weights,
+    conflict_rate,
+    cosine_matrix,
+    pcgrad,
+)
 
 
 def paper_pcgrad(grads: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
@@ -105,3 +116,71 @@ def test_gradvac_targets_stay_indexed_by_task_when_a_task_is_absent():
     gradvac(grads, torch.Generator().manual_seed(0))
     assert gradvac.targets[0, 2] != 0 and gradvac.targets[2, 0] != 0
     assert gradvac.targets[0, 1] == 0 and gradvac.targets[1, 2] == 0 and gradvac.targets[2, 1] == 0
+
+
+def _cagrad_dual(grads: torch.Tensor, weights: torch.Tensor, c: float) -> float:
+    """Liu et al. 2021, eq. (dual): F(w) = g_w . g0 + c ||g0|| ||g_w|| (g0 the mean gradient)."""
+    g0 = grads.mean(0)
+    g_w = weights @ grads
+    return float(g_w @ g0 + c * g0.norm() * g_w.norm())
+
+
+def test_cagrad_with_c_zero_is_the_plain_sum():
+    grads = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5], [0.3, -2.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(cagrad(grads, c=0.0), grads.sum(0))
+
+
+def test_cagrad_two_tasks_match_the_papers_update_by_grid_search():
+    grads = torch.tensor([[2.0, 0.3], [-1.0, 1.5]], dtype=torch.float64)
+    c = 0.5
+    # The dual over the simplex {(w, 1-w)} on a fine grid, then the paper's d = g0 + c||g0|| g_w/||g_w||.
+    grid = torch.linspace(0, 1, 200_001, dtype=torch.float64)
+    g_w = grid[:, None] * grads[0] + (1 - grid)[:, None] * grads[1]
+    g0 = grads.mean(0)
+    values = g_w @ g0 + c * g0.norm() * g_w.norm(dim=1)
+    best = g_w[values.argmin()]
+    paper = g0 + c * g0.norm() * best / best.norm()
+    torch.testing.assert_close(cagrad(grads, c) / 2, paper, atol=1e-5, rtol=0)
+
+
+def test_cagrad_closes_the_duality_gap_on_random_conflicting_tasks():
+    """For any d in the ball ||d - g0|| <= c||g0|| and any w in the simplex, min_i g_i.d <= F(w)
+    (weak duality). The returned d (over T) is in the ball, and F at the solver's w equals its
+    worst-task improvement: a certificate that d is THE optimum of the paper's problem."""
+    generator = torch.Generator().manual_seed(5)
+    cases = [(2, 3, 0.5), (3, 4, 0.5), (5, 20, 0.8), (4, 3, 0.2), (8, 5, 0.5), (12, 40, 0.5), (6, 1000, 0.9)]
+    for tasks, dim, c in cases:
+        grads = torch.randn(tasks, dim, generator=generator, dtype=torch.float64)
+        grads[1] = -0.7 * grads[0] + 0.1 * grads[1]  # a strong conflict
+        direction = cagrad(grads, c) / tasks
+        g0 = grads.mean(0)
+        assert float((direction - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-9)
+        worst = float((grads @ direction).min())
+        weights = cagrad_dual_weights((grads @ grads.T).numpy(), c * float(g0.norm()))
+        assert weights.min() >= 0 and abs(weights.sum() - 1) < 1e-12
+        dual = _cagrad_dual(grads, torch.from_numpy(weights), c)
+        assert abs(dual - worst) < 1e-9 * max(1.0, abs(worst)), (tasks, dim, dual, worst)
+
+
+def test_cagrad_beyond_the_exact_solver_is_near_the_optimum():
+    generator = torch.Generator().manual_seed(2)
+    tasks = EXACT_CAGRAD_TASKS + 4
+    grads = torch.randn(tasks, 64, generator=generator, dtype=torch.float64)
+    grads[1] = -0.7 * grads[0] + 0.1 * grads[1]
+    direction = cagrad(grads, 0.5) / tasks
+    g0 = grads.mean(0)
+    weights = cagrad_dual_weights((grads @ grads.T).numpy(), 0.5 * float(g0.norm()))
+    worst = float((grads @ direction).min())
+    assert abs(_cagrad_dual(grads, torch.from_numpy(weights), 0.5) - worst) < 1e-3 * float(g0.norm()) ** 2
+
+
+def test_cagrad_leaves_out_tasks_without_rows():
+    grads = torch.tensor([[1.0, 0.2], [0.0, 0.0], [-0.8, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(cagrad(grads, 0.5), cagrad(grads[[0, 2]], 0.5))
+
+
+def test_cagrad_c_out_of_range_names_the_setting():
+    with pytest.raises(SurgeryError, match=r"surgery.c must be in \[0, 1\), got 1.5"):
+        Surgery("cagrad", 2, seed=0, cagrad_c=1.5)
+    with pytest.raises(SurgeryError, match=r"cagrad c must be in \[0, 1\), got -0.1"):
+        cagrad(torch.ones(2, 3), c=-0.1)

@@ -40,8 +40,11 @@ def test_run_writes_adapters_log_plots_and_checkpoints(first_run):
     assert (summary["device"], summary["dtype"]) == ("cpu", "float32") and summary["peak_device_memory_bytes"] > 0
     records = read_log(out / "log.jsonl")
     setup = records[0]
-    assert setup["kind"] == "setup" and set(setup["mix"]) == {"add", "copy", "chat"}
+    assert setup["kind"] == "setup" and set(setup["mix"]) == {"add", "copy", "chat"} and setup["world_size"] == 1
     steps = [r for r in records if r["kind"] == "train"]
+    for r in steps:
+        assert r["step_seconds"] > 0 and r["tokens_per_second"] == pytest.approx(r["tokens"] / r["step_seconds"])
+    assert steps[-1]["eta_seconds"] == 0
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert all(len(r["cosines"]) == 3 and 0 <= r["conflict_rate"] <= 1 for r in steps)
     assert steps[0]["lr"] == pytest.approx(0.01 / 2)  # warm-up step 1 of 2
