@@ -9,6 +9,7 @@ not use the slot never wait for it. On a CPU the write is a plain synchronous co
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 
@@ -24,7 +25,7 @@ def host_tier_weights(weights: AdapterWeights, dtype: torch.dtype, device: torch
     for name, (lora_A, lora_B) in weights.tensors.items():
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         tensors[name] = (lora_A.pin_memory(), lora_B.pin_memory()) if pin else (lora_A, lora_B)
-    return AdapterWeights(weights.config, tensors, weights.warnings, weights.source)
+    return replace(weights, tensors=tensors)  # the rest (config, warnings, content hash) as read
 
 
 class SlotCopier:
