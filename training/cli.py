@@ -1,4 +1,5 @@
-"""`loraplex train CONFIG [--resume [CKPT]] [--dry-run]` and `loraplex compare --a DIR --b DIR --eval FILE`."""
+"""`loraplex train CONFIG [--resume [CKPT]] [--dry-run]`, `loraplex compare --a DIR --b DIR --eval FILE`
+and `loraplex eval` (training.eval_command)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from training.config import config_reference, load_config
 from training.data import DATA_FORMATS
+from training.eval_command import add_eval_command
 
 CONFIG_HELP = """\
 A YAML or JSON file. Minimal example (see examples/train_*.yaml):
@@ -43,6 +45,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate the config and the data, print the plan, do not train")
     parser.set_defaults(run=run_train)
     _add_compare_command(subparsers)
+    add_eval_command(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> int:

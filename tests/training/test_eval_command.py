@@ -1,0 +1,152 @@
+"""`loraplex eval` end to end on a tiny model: the report's numbers against an independent
+computation (each adapter alone on a fresh model, each item alone), and the errors users meet."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from training_files import addition_records, chat_records, copy_records, toy_config, write_config, write_jsonl
+
+from adapters.injection import inject_lora
+from adapters.peft_io import load_adapter
+from adapters.routing import AdapterRouting
+from adapters.weights import write_to_slot
+from backbone.generate import generate
+from backbone.model_source import load_pretrained
+from backbone.sampling import SamplingParams
+from server.cli import main
+from training.batching import IGNORE_INDEX, collate
+from training.config import load_config
+from training.evaluate import ANSWER_SLACK_TOKENS, load_eval_task
+from training.mixed_scoring import answer_span
+from training.recipe import MultiTaskTrainer
+
+TASKS = {"add": "instruction", "copy": "prompt_completion", "chat": "chat"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(toy_model_dir, tmp_path_factory):
+    """Three toy tasks trained with a shared adapter; their test files."""
+    root = tmp_path_factory.mktemp("eval_run")
+    config = toy_config(root, toy_model_dir, "run", shared=True, max_steps=12, eval={"every": 0}, checkpoint={"every": 0})
+    MultiTaskTrainer(load_config(write_config(root / "train.json", config))).train()
+    tests = {
+        "add": write_jsonl(root / "test" / "add.jsonl", addition_records(8, 11)),
+        "copy": write_jsonl(root / "test" / "copy.jsonl", copy_records(6, 12)),
+        "chat": write_jsonl(root / "test" / "chat.jsonl", chat_records(5, 13)),
+    }
+    return root / "run" / "last" / "standalone", tests
+
+
+def _alone(model_dir, adapter, example):
+    """The oracle: one item on a fresh model with only this adapter (or none): its mean
+    answer-token loss and its greedy answer."""
+    model, tokenizer = load_pretrained(model_dir, progress=False)
+    routing = None
+    if adapter is not None:
+        weights = load_adapter(adapter, model.config)
+        write_to_slot(inject_lora(model, weights.tensors, num_slots=1, max_rank=weights.max_rank), 0, weights)
+        routing = AdapterRouting.single(0, 1)
+    batch = collate([(0, example)], pad_id=0)
+    with torch.no_grad():
+        logits = model(batch.input_ids, routing=routing)[0]
+    loss = float(F.cross_entropy(logits, batch.labels[0], ignore_index=IGNORE_INDEX))
+    prompt, reference = answer_span(example)
+    params = SamplingParams(max_tokens=len(reference) + ANSWER_SLACK_TOKENS, temperature=0.0)
+    (completion,) = generate(model, [prompt], params, tokenizer=tokenizer, routing=routing)
+    return loss, completion.text.strip()
+
+
+def _run_eval(model_dir, adapters, tests, out, *extra):
+    argv = ["eval", "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+            "--no-progress", "--resamples", "200", "--batch-tokens", "256", "--speed-rows", "2"]
+    for name, path in adapters.items():
+        argv += ["--adapter", f"{name}={path}"]
+    for name, path in tests.items():
+        argv += ["--data", f"{name}={path}"]
+    return main(argv + list(extra))
+
+
+def test_report_matches_each_system_alone(toy_model_dir, trained_run, tmp_path):
+    adapters_dir, tests = trained_run
+    adapters = {name: adapters_dir / name for name in ("add", "chat")}
+    out = tmp_path / "out"
+    assert _run_eval(toy_model_dir, adapters, tests, out) == 0
+    report = json.loads((out / "report.json").read_text())
+    _, tokenizer = load_pretrained(toy_model_dir, progress=False)
+    for task_name, path in tests.items():
+        task = load_eval_task(task_name, path, tokenizer, data_format=TASKS[task_name])
+        entry = report["tasks"][task_name]
+        assert entry["metric"] == "exact_match" and entry["items"] == len(task.examples)
+        for system, adapter in (("base", None), ("add", adapters["add"]), ("chat", adapters["chat"])):
+            alone = [_alone(toy_model_dir, adapter, example) for example in task.examples]
+            exact = sum(answer == reference.strip() for (_, answer), reference in zip(alone, task.references))
+            assert entry["systems"][system]["value"] == pytest.approx(exact / len(alone), abs=1e-9)
+            mean_loss = sum(loss for loss, _ in alone) / len(alone)
+            assert entry["systems"][system]["loss"]["value"] == pytest.approx(mean_loss, abs=1e-4)
+            low, high = entry["systems"][system]["ci95"]
+            assert low <= entry["systems"][system]["value"] <= high
+        for adapter in adapters:
+            paired = entry["paired"][adapter]
+            expected = entry["systems"][adapter]["value"] - entry["systems"]["base"]["value"]
+            assert paired["vs"] == "base" and paired["diff"] == pytest.approx(expected)
+            assert 0.0 <= paired["p_value"] <= 1.0 and paired["test"] == "mcnemar"
+        assert set(entry["paired_adapters"]) == {"chat vs add"}
+    assert report["forgetting"]["add"]["own_task"] == "add"
+    assert set(report["forgetting"]["add"]["off_task"]) == {"copy", "chat"}
+    add = report["systems"]["add"]
+    weights = load_adapter(adapters["add"], load_pretrained(toy_model_dir, progress=False)[0].config)
+    assert add["trainable_parameters"] == weights.num_params
+    assert add["trainable_share"] == pytest.approx(weights.num_params / report["systems"]["base"]["parameters"])
+    assert add["adapter_bytes"] == sum(f.stat().st_size for f in adapters["add"].iterdir())
+    assert add["tokens_per_second"] > 0 and report["systems"]["base"]["tokens_per_second"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["matrix.png", "metrics.png", "report.json", "report.md"]
+    for chart in ("matrix.png", "metrics.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "### add (exact_match" in markdown and "## Off-task" in markdown
+
+
+def test_a_trained_adapter_beats_the_base_on_its_task(toy_model_dir, trained_run, tmp_path):
+    adapters_dir, tests = trained_run
+    out = tmp_path / "out"
+    assert _run_eval(toy_model_dir, {"add": adapters_dir / "add"}, {"add": tests["add"]}, out) == 0
+    task = json.loads((out / "report.json").read_text())["tasks"]["add"]
+    assert task["paired_loss"]["add"]["diff"] < 0  # the trained adapter puts more mass on the answers
+    assert task["systems"]["add"]["loss"]["value"] < task["systems"]["base"]["loss"]["value"]
+
+
+def test_label_metric_on_free_text_names_the_file_and_the_fix(toy_model_dir, trained_run, tmp_path, capsys):
+    _, tests = trained_run
+    code = _run_eval(toy_model_dir, {}, {"copy": tests["copy"]}, tmp_path / "out", "--metric", "copy=macro_f1")
+    assert code == 2
+    error = capsys.readouterr().err
+    assert str(tests["copy"]) in error and "macro_f1" in error and "chrf" in error
+
+
+def test_unknown_format_names_the_file(toy_model_dir, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "odd.jsonl", [{"question": "what is 1 plus 1", "answer": "2"}])
+    assert _run_eval(toy_model_dir, {}, {"odd": bad}, tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert str(bad) in error and "--format" in error
+
+
+def test_adapter_for_another_base_names_the_adapter(toy_model_dir, trained_run, tmp_path_factory, capsys):
+    from tiny_models import save_tiny_model
+
+    from conftest import save_tiny_tokenizer
+
+    _, tests = trained_run
+    other = save_tiny_model(tmp_path_factory.mktemp("other"), hidden_size=32, intermediate_size=48)
+    save_tiny_tokenizer(other)
+    adapters_dir, _ = trained_run
+    assert _run_eval(other, {"add": adapters_dir / "add"}, {"add": tests["add"]}, tmp_path_factory.mktemp("o")) == 2
+    error = capsys.readouterr().err
+    assert "adapter add" in error and str(adapters_dir / "add") in error
+
+
+def test_unknown_metric_is_refused_before_the_model_loads(toy_model_dir, trained_run, tmp_path, capsys):
+    _, tests = trained_run
+    assert _run_eval(toy_model_dir, {}, {"add": tests["add"]}, tmp_path / "out", "--metric", "add=f2") == 2
+    assert "unknown metric 'f2'" in capsys.readouterr().err

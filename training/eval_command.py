@@ -1,0 +1,152 @@
+"""`loraplex eval`: task metrics of adapters against the base model, with intervals and paired tests."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from backbone.precision import add_precision_args
+from training.data import DATA_FORMATS
+from training.eval_metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+EVAL_HELP = """\
+Every adapter and the base model answer every task's test file, mixed in the same batches (one
+model, one slot per adapter). Per task: the task's metric (exact_match, accuracy, macro_f1,
+precision, recall, chrf, bleu, rouge_l; rates in [0, 1]) and the answer-token loss, each with a 95%
+bootstrap interval; each adapter against the base and against each other adapter on the same items
+(McNemar for exact match and accuracy, paired bootstrap otherwise); each adapter on the other
+tasks (off-task: does it hurt?); distinct-1/2 of the answers; parameter share, adapter bytes and
+generation tok/s per system; the worst errors per task.
+
+A task's metric and format come from --metric/--format, else from task.json beside its file
+({"format": "chat", "metric": "exact_match"}), else exact match and the format the first record shows.
+
+Writes <out>/report.json, report.md, metrics.png and matrix.png.
+
+examples:
+  loraplex eval --model default --adapters examples/adapters --suite examples/tasks --out runs/eval
+  loraplex eval --model default --adapter dates=runs/demo/last/standalone/dates \\
+      --data dates=examples/tasks/dates/test.jsonl --metric dates=exact_match
+"""
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="task metrics of adapters vs the base model, with intervals and paired tests",
+        description="Evaluate LoRA adapters and the base model on task test files; write report.json, report.md and charts.",
+        epilog=EVAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="default", help="base model: `default`, a model folder or a .gguf file")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter (PEFT folder); repeatable")
+    parser.add_argument("--adapters", metavar="DIR", default=None, help="every adapter folder in DIR, named by its folder")
+    parser.add_argument("--data", action="append", default=[], metavar="TASK=FILE", help="a task's test file (JSONL); repeatable")
+    parser.add_argument("--suite", metavar="DIR", default=None, help="every DIR/<task>/<split>.jsonl, named by its folder")
+    parser.add_argument("--split", default="test", help="the split --suite reads (default: %(default)s)")
+    parser.add_argument("--metric", action="append", default=[], metavar="TASK=METRIC", help=f"a task's metric: {', '.join(METRICS)}")
+    parser.add_argument("--format", action="append", default=[], metavar="TASK=FORMAT", help=f"a task's format: {', '.join(DATA_FORMATS)}")
+    parser.add_argument("--out", default="eval_report", metavar="DIR", help="folder for the report (default: %(default)s)")
+    parser.add_argument("--max-examples", type=int, default=None, metavar="N", help="the first N items of each task only")
+    parser.add_argument("--max-length", type=int, default=1024, metavar="T", help="truncate items to T tokens (default: %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per forward call (default: %(default)s)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--speed-rows", type=int, default=8, metavar="N", help="rows of the tok/s probe per system; 0 = skip (default: %(default)s)")
+    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision_args(parser)
+    parser.set_defaults(run=run_eval)
+
+
+def _pairs(values: list[str], flag: str, meaning: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, separator, rest = value.partition("=")
+        if not separator or not name or not rest:
+            raise ValueError(f"{flag} {value!r} is not NAME=VALUE; pass {flag} {meaning}")
+        if name in pairs:
+            raise ValueError(f"{flag} names {name!r} twice; give each name once")
+        pairs[name] = rest
+    return pairs
+
+
+def collect_adapters(args: argparse.Namespace) -> dict[str, Path]:
+    adapters = {name: Path(path) for name, path in _pairs(args.adapter, "--adapter", "NAME=PATH").items()}
+    if args.adapters:
+        folder = Path(args.adapters)
+        if not folder.is_dir():
+            raise ValueError(f"--adapters {folder} is not a folder; pass a folder of PEFT adapter folders")
+        for child in sorted(folder.iterdir()):
+            if (child / "adapter_config.json").is_file():
+                adapters.setdefault(child.name, child)
+    for name, path in adapters.items():
+        if not Path(path).is_dir():
+            raise ValueError(f"adapter {name}: folder {path} does not exist; pass a PEFT adapter folder")
+    return adapters
+
+
+def collect_data(args: argparse.Namespace) -> dict[str, Path]:
+    data = {name: Path(path) for name, path in _pairs(args.data, "--data", "TASK=FILE").items()}
+    if args.suite:
+        folder = Path(args.suite)
+        if not folder.is_dir():
+            raise ValueError(f"--suite {folder} is not a folder; pass a folder of <task>/{args.split}.jsonl")
+        for child in sorted(folder.iterdir()):
+            if (child / f"{args.split}.jsonl").is_file():
+                data.setdefault(child.name, child / f"{args.split}.jsonl")
+    if not data:
+        raise ValueError("no task data: pass --data TASK=FILE or --suite DIR")
+    for name, path in data.items():
+        if not path.is_file():
+            raise ValueError(f"task {name}: test file {path} does not exist; fix --data or --suite")
+    return data
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from backbone.model_source import load_pretrained, served_model_name
+    from backbone.precision import resolve_precision
+    from training.eval_report import write_report
+    from training.eval_summary import build_report
+    from training.evaluate import load_eval_task, run_evaluation
+
+    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
+                        ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.speed_rows < 0:
+        raise ValueError(f"--speed-rows must be 0 or more, got {args.speed_rows}")
+    precision = resolve_precision(args.device, args.dtype)
+    adapters = collect_adapters(args)
+    data = collect_data(args)
+    metrics = _pairs(args.metric, "--metric", "TASK=METRIC")
+    formats = _pairs(args.format, "--format", "TASK=FORMAT")
+    for flag, named in (("--metric", metrics), ("--format", formats)):
+        unknown = sorted(set(named) - set(data))
+        if unknown:
+            raise ValueError(f"{flag} names task {unknown[0]!r}, which has no data; tasks: {', '.join(data)}")
+    log.info("eval on %s %s (%s)", precision.device, precision.dtype_name, precision.reason)
+    model, tokenizer = load_pretrained(args.model, dtype=precision.dtype, device=str(precision.device))
+    tasks = [
+        load_eval_task(name, path, tokenizer, metric=metrics.get(name), data_format=formats.get(name),
+                       max_length=args.max_length, max_examples=args.max_examples)
+        for name, path in data.items()
+    ]
+    systems, outputs, speeds = run_evaluation(
+        model, tokenizer, adapters, tasks, batch_tokens=args.batch_tokens, speed_rows=args.speed_rows,
+        strict_base=args.strict_base, served_model_name=served_model_name(args.model), progress=not args.no_progress,
+    )
+    report = build_report(
+        systems, outputs, speeds, model_name=served_model_name(args.model), resamples=args.resamples, seed=args.seed,
+        settings={"device": str(precision.device), "dtype": precision.dtype_name, "batch_tokens": args.batch_tokens,
+                  "max_examples": args.max_examples},
+    )
+    for path in write_report(report, Path(args.out)):
+        print(f"wrote {path}")
+    for name, task in report["tasks"].items():
+        values = ", ".join(f"{system} {entry['value']:.3f}" for system, entry in task["systems"].items())
+        print(f"{name} ({task['metric']}): {values}")
+    return 0
