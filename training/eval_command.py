@@ -24,7 +24,7 @@ generation tok/s per system; the worst errors per task.
 A task's metric and format come from --metric/--format, else from task.json beside its file
 ({"format": "chat", "metric": "exact_match"}), else exact match and the format the first record shows.
 
-Writes <out>/report.json, report.md, metrics.png and matrix.png.
+Writes <out>/report.json, report.md, metrics.png, matrix.png and answers.jsonl (every answer).
 
 examples:
   loraplex eval --model default --adapters examples/adapters --suite examples/tasks --out runs/eval
@@ -110,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from backbone.model_source import load_pretrained, served_model_name
     from backbone.precision import resolve_precision
     from training.eval_report import write_report
-    from training.eval_summary import build_report
+    from training.eval_summary import answer_rows, build_report
     from training.evaluate import load_eval_task, run_evaluation
 
     for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
@@ -144,7 +144,8 @@ def run_eval(args: argparse.Namespace) -> int:
         settings={"device": str(precision.device), "dtype": precision.dtype_name, "batch_tokens": args.batch_tokens,
                   "max_examples": args.max_examples},
     )
-    for path in write_report(report, Path(args.out)):
+    answers = answer_rows(outputs, [system.name for system in systems])
+    for path in write_report(report, Path(args.out), answers):
         print(f"wrote {path}")
     for name, task in report["tasks"].items():
         values = ", ".join(f"{system} {entry['value']:.3f}" for system, entry in task["systems"].items())

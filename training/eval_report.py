@@ -13,6 +13,7 @@ from training.evaluate import BASE
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+ANSWERS = "answers.jsonl"  # every system's answer to every item
 METRIC_CHART = "metrics.png"
 MATRIX_CHART = "matrix.png"
 
@@ -152,13 +153,15 @@ def draw_matrix_chart(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(report: dict[str, Any], folder: Path) -> list[Path]:
+def write_report(report: dict[str, Any], folder: Path, answers: list[dict[str, Any]] | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in answers or [])
     writers = {
         REPORT_JSON: lambda staging: staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"),
         REPORT_MD: lambda staging: staging.write_text(render_markdown(report), encoding="utf-8"),
         METRIC_CHART: lambda staging: draw_metric_chart(report, staging),
         MATRIX_CHART: lambda staging: draw_matrix_chart(report, staging),
+        **({ANSWERS: lambda staging: staging.write_text(lines, encoding="utf-8")} if answers is not None else {}),
     }
     paths = []
     for name, write in writers.items():

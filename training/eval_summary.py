@@ -114,6 +114,21 @@ def _worst_errors(outputs: TaskOutputs, names: Sequence[str], losses: np.ndarray
     return worst
 
 
+def answer_rows(outputs: Sequence[TaskOutputs], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Every system's answer to every item, with the reference and the answer-token loss."""
+    rows = []
+    for output in outputs:
+        task = output.task
+        for item in range(len(task.examples)):
+            for column, name in enumerate(names):
+                rows.append({
+                    "task": task.name, "item": item, "system": name, "input": task.inputs[item],
+                    "expected": task.references[item], "got": output.answers[column][item],
+                    "loss": float(output.loss_sums[item, column] / output.loss_counts[item, column]),
+                })
+    return rows
+
+
 def own_task_of(adapter: str, task_names: Sequence[str]) -> str | None:
     """An adapter's own task is the task of the same name (the demo layout's contract)."""
     return adapter if adapter in task_names else None

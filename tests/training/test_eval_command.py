@@ -2,10 +2,12 @@
 computation (each adapter alone on a fresh model, each item alone), and the errors users meet."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import save_tiny_model
 from training_files import addition_records, chat_records, copy_records, toy_config, write_config, write_jsonl
 
 from adapters.injection import inject_lora
@@ -27,9 +29,10 @@ TASKS = {"add": "instruction", "copy": "prompt_completion", "chat": "chat"}
 
 @pytest.fixture(scope="module")
 def trained_run(toy_model_dir, tmp_path_factory):
-    """Three toy tasks trained with a shared adapter; their test files."""
+    """Three toy tasks trained with a shared adapter and evaluated at the end; their test files."""
     root = tmp_path_factory.mktemp("eval_run")
-    config = toy_config(root, toy_model_dir, "run", shared=True, max_steps=12, eval={"every": 0}, checkpoint={"every": 0})
+    config = toy_config(root, toy_model_dir, "run", shared=True, max_steps=12, checkpoint={"every": 0},
+                        eval={"every": 0, "metrics": {"add": "exact_match", "chat": "rouge_l"}})
     MultiTaskTrainer(load_config(write_config(root / "train.json", config))).train()
     tests = {
         "add": write_jsonl(root / "test" / "add.jsonl", addition_records(8, 11)),
@@ -60,12 +63,12 @@ def _alone(model_dir, adapter, example):
 
 def _run_eval(model_dir, adapters, tests, out, *extra):
     argv = ["eval", "--model", str(model_dir), "--out", str(out), "--device", "cpu", "--dtype", "float32",
-            "--no-progress", "--resamples", "200", "--batch-tokens", "256", "--speed-rows", "2"]
+            "--no-progress", "--resamples", "200", "--batch-tokens", "256", "--speed-rows", "2", *extra]
     for name, path in adapters.items():
         argv += ["--adapter", f"{name}={path}"]
     for name, path in tests.items():
         argv += ["--data", f"{name}={path}"]
-    return main(argv + list(extra))
+    return main(argv)
 
 
 def test_report_matches_each_system_alone(toy_model_dir, trained_run, tmp_path):
@@ -74,6 +77,7 @@ def test_report_matches_each_system_alone(toy_model_dir, trained_run, tmp_path):
     out = tmp_path / "out"
     assert _run_eval(toy_model_dir, adapters, tests, out) == 0
     report = json.loads((out / "report.json").read_text())
+    answers = {(row["task"], row["item"], row["system"]): row for row in map(json.loads, (out / "answers.jsonl").read_text().splitlines())}
     _, tokenizer = load_pretrained(toy_model_dir, progress=False)
     for task_name, path in tests.items():
         task = load_eval_task(task_name, path, tokenizer, data_format=TASKS[task_name])
@@ -81,6 +85,9 @@ def test_report_matches_each_system_alone(toy_model_dir, trained_run, tmp_path):
         assert entry["metric"] == "exact_match" and entry["items"] == len(task.examples)
         for system, adapter in (("base", None), ("add", adapters["add"]), ("chat", adapters["chat"])):
             alone = [_alone(toy_model_dir, adapter, example) for example in task.examples]
+            for item, (loss, answer) in enumerate(alone):
+                row = answers[(task_name, item, system)]
+                assert row["got"].strip() == answer and row["loss"] == pytest.approx(loss, abs=1e-4)
             exact = sum(answer == reference.strip() for (_, answer), reference in zip(alone, task.references))
             assert entry["systems"][system]["value"] == pytest.approx(exact / len(alone), abs=1e-9)
             mean_loss = sum(loss for loss, _ in alone) / len(alone)
@@ -101,7 +108,7 @@ def test_report_matches_each_system_alone(toy_model_dir, trained_run, tmp_path):
     assert add["trainable_share"] == pytest.approx(weights.num_params / report["systems"]["base"]["parameters"])
     assert add["adapter_bytes"] == sum(f.stat().st_size for f in adapters["add"].iterdir())
     assert add["tokens_per_second"] > 0 and report["systems"]["base"]["tokens_per_second"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["matrix.png", "metrics.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "matrix.png", "metrics.png", "report.json", "report.md"]
     for chart in ("matrix.png", "metrics.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
@@ -133,13 +140,10 @@ def test_unknown_format_names_the_file(toy_model_dir, tmp_path, capsys):
 
 
 def test_adapter_for_another_base_names_the_adapter(toy_model_dir, trained_run, tmp_path_factory, capsys):
-    from tiny_models import save_tiny_model
-
-    from conftest import save_tiny_tokenizer
-
     _, tests = trained_run
     other = save_tiny_model(tmp_path_factory.mktemp("other"), hidden_size=32, intermediate_size=48)
-    save_tiny_tokenizer(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy_model_dir / name, other / name)
     adapters_dir, _ = trained_run
     assert _run_eval(other, {"add": adapters_dir / "add"}, {"add": tests["add"]}, tmp_path_factory.mktemp("o")) == 2
     error = capsys.readouterr().err
@@ -150,3 +154,34 @@ def test_unknown_metric_is_refused_before_the_model_loads(toy_model_dir, trained
     _, tests = trained_run
     assert _run_eval(toy_model_dir, {}, {"add": tests["add"]}, tmp_path / "out", "--metric", "add=f2") == 2
     assert "unknown metric 'f2'" in capsys.readouterr().err
+
+
+def test_train_writes_the_eval_report_that_eval_writes(toy_model_dir, trained_run, tmp_path):
+    adapters_dir, _ = trained_run
+    run = adapters_dir.parent.parent
+    from_train = json.loads((run / "eval" / "report.json").read_text())
+    data = run.parent / "data"
+    out = tmp_path / "out"
+    assert _run_eval(toy_model_dir, {n: adapters_dir / n for n in ("add", "copy", "chat")},
+                     {"add": data / "add_eval.jsonl", "chat": data / "chat_eval.jsonl"}, out,
+                     "--metric", "chat=rouge_l", "--resamples", "1000", "--batch-tokens", "4096") == 0
+    from_eval = json.loads((out / "report.json").read_text())
+    assert from_train["tasks"]["chat"]["metric"] == "rouge_l"
+    for task in ("add", "chat"):
+        for system in ("base", "add", "copy", "chat"):
+            ours, theirs = from_train["tasks"][task]["systems"][system], from_eval["tasks"][task]["systems"][system]
+            assert ours["value"] == pytest.approx(theirs["value"]) and ours["ci95"] == pytest.approx(theirs["ci95"])
+            assert ours["loss"]["value"] == pytest.approx(theirs["loss"]["value"], abs=1e-5)
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ({"nope": "exact_match"}, "eval.metrics names task 'nope'"),
+    ({"copy": "exact_match"}, "task 'copy' has no eval file"),
+    ({"add": "f2"}, "eval.metrics.add: 'f2' is not one of"),
+])
+def test_train_refuses_a_bad_eval_metrics_entry(toy_model_dir, tmp_path, metrics, message):
+    from training.config import ConfigError
+
+    config = toy_config(tmp_path, toy_model_dir, "run", eval={"metrics": metrics})
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path / "train.json", config))
