@@ -8,7 +8,7 @@ from pathlib import Path
 
 from training.config import config_reference, load_config
 from training.data import DATA_FORMATS
-from training.eval_command import add_eval_command
+from training.eval_command import add_eval_command, add_scoring_args, check_scoring_args
 
 CONFIG_HELP = """\
 A YAML or JSON file. Minimal example (see examples/train_*.yaml):
@@ -100,12 +100,7 @@ def _add_compare_command(subparsers: argparse._SubParsersAction) -> None:
         help="record format of --eval (default: detected from the first record's fields)",
     )
     parser.add_argument("--out", default="ab_compare", metavar="DIR", help="folder for report.json and comparison.png (default: %(default)s)")
-    parser.add_argument("--max-examples", type=int, default=None, metavar="N", help="use the first N examples only")
-    parser.add_argument("--max-length", type=int, default=1024, metavar="T", help="truncate examples to T tokens (default: %(default)s)")
-    parser.add_argument("--batch-tokens", type=int, default=2048, metavar="T", help="padded tokens per forward call (default: %(default)s)")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
-    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
+    add_scoring_args(parser, batch_tokens=2048, resamples=2000)
     parser.add_argument(
         "--generate", action="store_true",
         help="also generate greedy answers and report exact match with the reference (slower)",
@@ -121,10 +116,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from training.ab_compare import compare_adapters, detect_format, write_outputs
     from training.data import load_task_file
 
-    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
-                        ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_scoring_args(args)
     eval_path = Path(args.eval)
     data_format = args.format or detect_format(eval_path)
     for arm, folder in (("A", args.a), ("B", args.b)):  # before the model loads: fail fast

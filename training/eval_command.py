@@ -50,16 +50,28 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metric", action="append", default=[], metavar="TASK=METRIC", help=f"a task's metric: {', '.join(METRICS)}")
     parser.add_argument("--format", action="append", default=[], metavar="TASK=FORMAT", help=f"a task's format: {', '.join(DATA_FORMATS)}")
     parser.add_argument("--out", default="eval_report", metavar="DIR", help="folder for the report (default: %(default)s)")
-    parser.add_argument("--max-examples", type=int, default=None, metavar="N", help="the first N items of each task only")
-    parser.add_argument("--max-length", type=int, default=1024, metavar="T", help="truncate items to T tokens (default: %(default)s)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, metavar="T", help="padded tokens per forward call (default: %(default)s)")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    add_scoring_args(parser, batch_tokens=4096, resamples=1000)
     parser.add_argument("--speed-rows", type=int, default=8, metavar="N", help="rows of the tok/s probe per system; 0 = skip (default: %(default)s)")
-    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_precision_args(parser)
     parser.set_defaults(run=run_eval)
+
+
+def add_scoring_args(parser: argparse.ArgumentParser, *, batch_tokens: int, resamples: int) -> None:
+    """The options `eval` and `compare` share: how much data, how it is batched, the bootstrap."""
+    parser.add_argument("--max-examples", type=int, default=None, metavar="N", help="use the first N examples of each file only")
+    parser.add_argument("--max-length", type=int, default=1024, metavar="T", help="truncate examples to T tokens (default: %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=batch_tokens, metavar="T", help="padded tokens per forward call (default: %(default)s)")
+    parser.add_argument("--resamples", type=int, default=resamples, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
+
+
+def check_scoring_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
+                        ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
 def _pairs(values: list[str], flag: str, meaning: str) -> dict[str, str]:
@@ -74,15 +86,20 @@ def _pairs(values: list[str], flag: str, meaning: str) -> dict[str, str]:
     return pairs
 
 
+def _subfolders_with(folder: str, flag: str, member: str, what: str) -> dict[str, Path]:
+    """NAME -> FOLDER/NAME/member for each subfolder that has that file."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{flag} {path} is not a folder; pass a folder of {what}")
+    return {child.name: child / member for child in sorted(path.iterdir()) if (child / member).is_file()}
+
+
 def collect_adapters(args: argparse.Namespace) -> dict[str, Path]:
     adapters = {name: Path(path) for name, path in _pairs(args.adapter, "--adapter", "NAME=PATH").items()}
     if args.adapters:
-        folder = Path(args.adapters)
-        if not folder.is_dir():
-            raise ValueError(f"--adapters {folder} is not a folder; pass a folder of PEFT adapter folders")
-        for child in sorted(folder.iterdir()):
-            if (child / "adapter_config.json").is_file():
-                adapters.setdefault(child.name, child)
+        found = _subfolders_with(args.adapters, "--adapters", "adapter_config.json", "PEFT adapter folders")
+        for name, config in found.items():
+            adapters.setdefault(name, config.parent)
     for name, path in adapters.items():
         if not Path(path).is_dir():
             raise ValueError(f"adapter {name}: folder {path} does not exist; pass a PEFT adapter folder")
@@ -92,12 +109,9 @@ def collect_adapters(args: argparse.Namespace) -> dict[str, Path]:
 def collect_data(args: argparse.Namespace) -> dict[str, Path]:
     data = {name: Path(path) for name, path in _pairs(args.data, "--data", "TASK=FILE").items()}
     if args.suite:
-        folder = Path(args.suite)
-        if not folder.is_dir():
-            raise ValueError(f"--suite {folder} is not a folder; pass a folder of <task>/{args.split}.jsonl")
-        for child in sorted(folder.iterdir()):
-            if (child / f"{args.split}.jsonl").is_file():
-                data.setdefault(child.name, child / f"{args.split}.jsonl")
+        member = f"{args.split}.jsonl"
+        for name, path in _subfolders_with(args.suite, "--suite", member, f"<task>/{member}").items():
+            data.setdefault(name, path)
     if not data:
         raise ValueError("no task data: pass --data TASK=FILE or --suite DIR")
     for name, path in data.items():
@@ -113,10 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from training.eval_summary import answer_rows, build_report
     from training.evaluate import load_eval_task, run_evaluation
 
-    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
-                        ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_scoring_args(args)
     if args.speed_rows < 0:
         raise ValueError(f"--speed-rows must be 0 or more, got {args.speed_rows}")
     precision = resolve_precision(args.device, args.dtype)
