@@ -169,7 +169,7 @@ def build_report(
 ) -> dict[str, Any]:
     names = [system.name for system in systems]
     tasks = {output.task.name: summarize_task(output, names, resamples, seed) for output in outputs}
-    base_parameters = systems[0].trainable_parameters
+    base_parameters = systems[0].parameters
     system_rows: dict[str, Any] = {}
     for system in systems:
         row: dict[str, Any] = {"path": system.path, "tokens_per_second": speeds.get(system.name)}
@@ -178,8 +178,8 @@ def build_report(
         else:
             row.update({
                 "own_task": own_task_of(system.name, list(tasks)),
-                "trainable_parameters": system.trainable_parameters,
-                "trainable_share": system.trainable_parameters / base_parameters,
+                "trainable_parameters": system.parameters,
+                "trainable_share": system.parameters / base_parameters,
                 "adapter_bytes": system.adapter_bytes,
                 "speed_vs_base": (speeds[system.name] / speeds[BASE]) if system.name in speeds and speeds.get(BASE) else None,
             })

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from adapters.peft_io import load_adapter
+from adapters.routing import AdapterRouting
 from adapters.weights import AdapterWeights
 from backbone.generate import generate
 from backbone.model import CausalLM
@@ -48,8 +49,8 @@ class EvalTask:
 class SystemInfo:
     name: str
     path: str | None  # None for the base model
-    trainable_parameters: int
-    adapter_bytes: int
+    parameters: int  # the adapter's (all trainable); for the base, the frozen model's
+    adapter_bytes: int  # the adapter folder's files on disk; 0 for the base
     warnings: list[str]
 
 
@@ -134,8 +135,7 @@ def load_systems(
     adapters: dict[str, Path], model: CausalLM, strict_base: bool, served_model_name: str | None
 ) -> tuple[list[SystemInfo], list[AdapterWeights]]:
     """The base model and each adapter, validated against the model before anything runs."""
-    base_parameters = sum(p.numel() for p in model.parameters())
-    systems = [SystemInfo(BASE, None, 0, 0, [])]
+    systems = [SystemInfo(BASE, None, sum(p.numel() for p in model.parameters()), 0, [])]
     loaded = []
     for name, path in adapters.items():
         try:
@@ -145,7 +145,6 @@ def load_systems(
         loaded.append(weights)
         size = sum(file.stat().st_size for file in Path(path).iterdir() if file.is_file())
         systems.append(SystemInfo(name, str(path), weights.num_params, size, list(weights.warnings)))
-    systems[0].trainable_parameters = base_parameters  # the base row reports the model's size
     return systems, loaded
 
 
@@ -168,12 +167,8 @@ def evaluate_task(
 
 def generation_speed(model: CausalLM, prompts: list[list[int]], slot: int, new_tokens: int) -> float:
     """Tokens per second of a batch of `prompts` all on one slot, `new_tokens` each, no early stop."""
-    from adapters.routing import AdapterRouting
-
-    routing = AdapterRouting.single(slot, len(prompts)) if slot != BASE_SLOT else None
     device = model.inv_freq.device
-    if routing is not None:
-        routing = AdapterRouting(routing.slot_ids.to(device))
+    routing = None if slot == BASE_SLOT else AdapterRouting(torch.full((len(prompts),), slot, device=device))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

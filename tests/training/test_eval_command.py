@@ -42,15 +42,18 @@ def trained_run(toy_model_dir, tmp_path_factory):
     return root / "run" / "last" / "standalone", tests
 
 
-def _alone(model_dir, adapter, example):
-    """The oracle: one item on a fresh model with only this adapter (or none): its mean
-    answer-token loss and its greedy answer."""
+def _single_adapter_model(model_dir, adapter):
+    """The oracle's model: fresh, with only this adapter in a single slot (or none)."""
     model, tokenizer = load_pretrained(model_dir, progress=False)
-    routing = None
-    if adapter is not None:
-        weights = load_adapter(adapter, model.config)
-        write_to_slot(inject_lora(model, weights.tensors, num_slots=1, max_rank=weights.max_rank), 0, weights)
-        routing = AdapterRouting.single(0, 1)
+    if adapter is None:
+        return model, tokenizer, None
+    weights = load_adapter(adapter, model.config)
+    write_to_slot(inject_lora(model, weights.tensors, num_slots=1, max_rank=weights.max_rank), 0, weights)
+    return model, tokenizer, AdapterRouting.single(0, 1)
+
+
+def _alone(model, tokenizer, routing, example):
+    """One item alone in its batch: its mean answer-token loss and its greedy answer."""
     batch = collate([(0, example)], pad_id=0)
     with torch.no_grad():
         logits = model(batch.input_ids, routing=routing)[0]
@@ -79,12 +82,13 @@ def test_report_matches_each_system_alone(toy_model_dir, trained_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     answers = {(row["task"], row["item"], row["system"]): row for row in map(json.loads, (out / "answers.jsonl").read_text().splitlines())}
     _, tokenizer = load_pretrained(toy_model_dir, progress=False)
+    oracles = {system: _single_adapter_model(toy_model_dir, adapters.get(system)) for system in ("base", "add", "chat")}
     for task_name, path in tests.items():
         task = load_eval_task(task_name, path, tokenizer, data_format=TASKS[task_name])
         entry = report["tasks"][task_name]
         assert entry["metric"] == "exact_match" and entry["items"] == len(task.examples)
-        for system, adapter in (("base", None), ("add", adapters["add"]), ("chat", adapters["chat"])):
-            alone = [_alone(toy_model_dir, adapter, example) for example in task.examples]
+        for system, oracle in oracles.items():
+            alone = [_alone(*oracle, example) for example in task.examples]
             for item, (loss, answer) in enumerate(alone):
                 row = answers[(task_name, item, system)]
                 assert row["got"].strip() == answer and row["loss"] == pytest.approx(loss, abs=1e-4)
