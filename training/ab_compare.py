@@ -12,27 +12,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-from adapters.injection import inject_lora
 from adapters.peft_io import load_adapter
-from adapters.routing import AdapterRouting
-from adapters.weights import AdapterWeights, clear_slot, write_to_slot
-from backbone.generate import generate
+from adapters.weights import AdapterWeights
 from backbone.model import CausalLM
-from backbone.sampling import SamplingParams
-from training.batching import IGNORE_INDEX, collate, pack_by_length
 from training.data import DATA_FORMATS, DataError, Example, jsonl_records
+from training.mixed_scoring import answer_losses, answer_span, clear_adapters, greedy_answers, pad_id_of, place_adapters
 
 ARMS = ("a", "b", "base")
 ARM_SLOTS = {"a": 0, "b": 1, "base": -1}  # -1 = no adapter: the base model alone
+SLOTS = [ARM_SLOTS[arm] for arm in ARMS]
 REPORT_FILE = "report.json"
 CHART_FILE = "comparison.png"
 
@@ -100,92 +94,30 @@ def compare_adapters(
             loaded[arm] = load_adapter(path, model.config, strict_base=strict_base, served_model_name=served_model_name)
         except ValueError as err:
             raise type(err)(f"adapter {arm.upper()}: {err}") from None
-    layers = _place_adapters(model, loaded["a"], loaded["b"])
+    layers = place_adapters(model, [loaded["a"], loaded["b"]])
     try:
-        sums, counts = _answer_losses(model, examples, batch_tokens, _pad_id(tokenizer))
+        sums, counts = answer_losses(model, examples, SLOTS, batch_tokens, pad_id_of(tokenizer))
         matches = _exact_matches(model, tokenizer, examples, batch_tokens) if exact_match else None
     finally:
-        for slot in (0, 1):
-            clear_slot(layers, slot)
+        clear_adapters(layers, 2)
     losses = sums / counts  # (N, 3) per-example mean answer-token loss
     return _report(loaded, losses, sums, counts, matches, resamples, seed)
-
-
-def _place_adapters(model: CausalLM, a: AdapterWeights, b: AdapterWeights) -> dict:
-    targets = sorted(set(a.tensors) | set(b.tensors))
-    layers = inject_lora(model, targets, num_slots=2, max_rank=max(a.max_rank, b.max_rank))
-    if min(layer.num_slots for layer in layers.values()) < 2:
-        raise ValueError("the model already has single-slot LoRA layers; load a fresh model to compare two adapters")
-    write_to_slot(layers, 0, a)
-    write_to_slot(layers, 1, b)
-    return layers
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return 0 if pad is None else pad  # padding is never attended to nor labelled: any id works
-
-
-def _groups(examples: Sequence[Example], batch_tokens: int) -> list[list[int]]:
-    # Every example becomes one row per arm, so an example group gets a third of the budget.
-    return pack_by_length([len(e) for e in examples], max(1, batch_tokens // len(ARMS)))
-
-
-@torch.inference_mode()
-def _answer_losses(
-    model: CausalLM, examples: Sequence[Example], batch_tokens: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3) summed answer-token losses and (N, 3) answer-token counts, columns in ARMS order."""
-    device = model.inv_freq.device
-    sums = np.zeros((len(examples), len(ARMS)))
-    counts = np.zeros((len(examples), len(ARMS)))
-    for group in _groups(examples, batch_tokens):
-        rows = [(ARM_SLOTS[arm], examples[index]) for index in group for arm in ARMS]
-        batch = collate(rows, pad_id)
-        labels = batch.labels.to(device)
-        routing = AdapterRouting(batch.task_ids.to(device))  # the "task" of each row is its slot
-        logits = model(batch.input_ids.to(device), routing=routing)  # (R, L, V)
-        token = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(labels.shape)  # (R, L)
-        row_sums = token.sum(1).double().cpu().numpy().reshape(len(group), len(ARMS))
-        row_counts = (labels != IGNORE_INDEX).sum(1).cpu().numpy().reshape(len(group), len(ARMS))
-        sums[group], counts[group] = row_sums, row_counts
-    return sums, counts
-
-
-def answer_span(example: Example) -> tuple[list[int], list[int]]:
-    """(prompt, reference): the tokens before the first answer token, and that answer's tokens
-    (the first run of answer tokens; later turns of a chat are not generated)."""
-    start = example.loss_mask.index(True)
-    end = start
-    while end < len(example) and example.loss_mask[end]:
-        end += 1
-    return example.input_ids[:start], example.input_ids[start:end]
 
 
 def _exact_matches(model: CausalLM, tokenizer: Any, examples: Sequence[Example], batch_tokens: int) -> np.ndarray:
     """(N, 3) 1.0 where the greedy answer, at most as long as the reference, decodes (special
     tokens skipped, whitespace stripped) to the reference's text."""
-    device = model.inv_freq.device
+    spans = [answer_span(example) for example in examples]
+    if any(not prompt for prompt, _ in spans):
+        raise DataError("an eval example starts with its answer; exact match needs a prompt to generate from")
+    completions = greedy_answers(
+        model, tokenizer, [prompt for prompt, _ in spans], [len(reference) for _, reference in spans], SLOTS, batch_tokens
+    )
     matches = np.zeros((len(examples), len(ARMS)))
-    for group in _groups(examples, batch_tokens):
-        spans = [answer_span(examples[index]) for index in group]
-        if any(not prompt for prompt, _ in spans):
-            raise DataError("an eval example starts with its answer; exact match needs a prompt to generate from")
-        prompts = [prompt for prompt, _ in spans for _ in ARMS]
-        slots = torch.tensor([ARM_SLOTS[arm] for _ in spans for arm in ARMS], device=device)
-        longest = max(len(reference) for _, reference in spans)
-        completions = generate(
-            model, prompts, SamplingParams(max_tokens=longest, temperature=0.0), tokenizer=tokenizer,
-            routing=AdapterRouting(slots),
-        )
-        for position, index in enumerate(group):
-            reference = spans[position][1]
-            expected = tokenizer.decode(reference).strip()
-            for column in range(len(ARMS)):
-                produced = completions[position * len(ARMS) + column].token_ids[: len(reference)]
-                matches[index, column] = float(tokenizer.decode(produced).strip() == expected)
+    for index, (_, reference) in enumerate(spans):
+        expected = tokenizer.decode(reference).strip()
+        for column in range(len(ARMS)):
+            matches[index, column] = float(tokenizer.decode(completions[index][column].token_ids).strip() == expected)
     return matches
 
 
@@ -259,13 +191,14 @@ def write_outputs(report: ComparisonReport, folder: Path) -> list[Path]:
     """report.json and the chart in `folder`, each written to a temporary file and renamed."""
     folder.mkdir(parents=True, exist_ok=True)
     report_path = folder / REPORT_FILE
-    _replace_with(report_path, lambda staging: staging.write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
+    write_atomically(report_path, lambda staging: staging.write_text(json.dumps(report.to_dict(), indent=2) + "\n"))
     chart_path = folder / CHART_FILE
-    _replace_with(chart_path, lambda staging: _draw_chart(report, staging))
+    write_atomically(chart_path, lambda staging: _draw_chart(report, staging))
     return [report_path, chart_path]
 
 
-def _replace_with(path: Path, write) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(staging)` on a temporary file beside `path`, then rename it over `path`."""
     staging = path.with_name(f".{path.name}.tmp")
     try:
         write(staging)

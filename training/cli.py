@@ -1,4 +1,5 @@
-"""`loraplex train CONFIG [--resume [CKPT]] [--dry-run]` and `loraplex compare --a DIR --b DIR --eval FILE`."""
+"""`loraplex train CONFIG [--resume [CKPT]] [--dry-run]`, `loraplex compare --a DIR --b DIR --eval FILE`
+and `loraplex eval` (training.eval_command)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from backbone.precision import add_precision_args, resolve_precision
 from training.config import config_reference, load_config
 from training.data import DATA_FORMATS
+from training.eval_command import add_eval_command, add_scoring_args, check_scoring_args
 
 log = logging.getLogger("loraplex.train")
 
@@ -49,6 +51,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_precision_args(parser, config_keys=True)  # None: the config's `device`/`dtype`, else auto
     parser.set_defaults(run=run_train)
     _add_compare_command(subparsers)
+    add_eval_command(subparsers)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -115,12 +118,7 @@ def _add_compare_command(subparsers: argparse._SubParsersAction) -> None:
         help="record format of --eval (default: detected from the first record's fields)",
     )
     parser.add_argument("--out", default="ab_compare", metavar="DIR", help="folder for report.json and comparison.png (default: %(default)s)")
-    parser.add_argument("--max-examples", type=int, default=None, metavar="N", help="use the first N examples only")
-    parser.add_argument("--max-length", type=int, default=1024, metavar="T", help="truncate examples to T tokens (default: %(default)s)")
-    parser.add_argument("--batch-tokens", type=int, default=2048, metavar="T", help="padded tokens per forward call (default: %(default)s)")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
-    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter recorded for another base model")
+    add_scoring_args(parser, batch_tokens=2048, resamples=2000)
     add_precision_args(parser)
     parser.add_argument(
         "--generate", action="store_true",
@@ -137,10 +135,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from training.ab_compare import compare_adapters, detect_format, write_outputs
     from training.data import load_task_file
 
-    for flag, value in (("--max-examples", args.max_examples), ("--max-length", args.max_length),
-                        ("--batch-tokens", args.batch_tokens), ("--resamples", args.resamples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_scoring_args(args)
     precision = resolve_precision(args.device, args.dtype)
     log.info("device %s, dtype %s (%s)", precision.device, precision.dtype_name, precision.reason)
     eval_path = Path(args.eval)

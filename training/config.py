@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from training.eval_metrics import METRICS
+
 
 class ConfigError(ValueError):
     """The training config has a missing, unknown or invalid key."""
@@ -103,6 +105,11 @@ class EvalSettings:
     every: int = doc("evaluate every N steps (0 = only at the end)", default=0)
     patience: int = doc("stop after this many evaluations without a better mean eval loss (0 = never)", default=0)
     max_examples: int | None = doc("evaluate on at most this many examples per task", default=None)
+    metrics: dict[str, str] | None = doc(
+        "task -> metric (exact_match, accuracy, macro_f1, chrf, bleu, rouge_l, ...): at the end, the final adapters "
+        "and the base answer each such task's eval file and `loraplex eval`'s report goes to <output_dir>/eval/",
+        default=None,
+    )
 
 
 @dataclass
@@ -166,6 +173,15 @@ class TrainConfig:
             raise ConfigError("every task is frozen: nothing to train; unfreeze a task or add a new one")
         if self.shared is not None:
             _check_adapter("shared", self.shared)
+        for name, metric in (self.eval.metrics or {}).items():
+            task = next((t for t in self.tasks if t.name == name), None)
+            if task is None:
+                raise ConfigError(f"eval.metrics names task {name!r}, which is not in tasks; tasks: {', '.join(names)}")
+            if not task.eval:
+                raise ConfigError(f"eval.metrics.{name}: task {name!r} has no eval file to measure; set tasks[].eval")
+            if task.adapter.frozen:
+                raise ConfigError(f"eval.metrics.{name}: task {name!r} is frozen, so this run writes no adapter for it")
+            _choice(f"eval.metrics.{name}", metric, METRICS)
 
 
 def _check_adapter(where: str, adapter: AdapterSettings) -> None:
@@ -211,6 +227,11 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if _is_dataclass_type(kind):
         return build(kind, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_kind, item = typing.get_args(kind)
+        return {_convert(k, key_kind, where): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -34,6 +34,7 @@ from training.sampling import TaskSampler, mixing_probabilities
 from training.step import StepStats, evaluate_loss, train_step
 from training.surgery import Surgery
 from training.task_adapters import AdapterSource, TaskAdapters
+from training.train_eval import evaluate_run
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ class MultiTaskTrainer:
             _write_json(self.output / "summary.json", summary)
         if main and config.plots:
             write_plots(self.output / "log.jsonl", self.output / "plots", self.task_names)
+        if config.eval.metrics:
+            summary["eval_report"] = str(evaluate_run(config, self.output / "last", self.output / "eval"))
         return summary
 
     def _step_record(self, stats: StepStats, multiplier: float) -> dict:
