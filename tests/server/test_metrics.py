@@ -95,7 +95,7 @@ def test_prefix_cache_counters_come_from_the_engine():
     prefix = PrefixCacheStats(hit_tokens=96, miss_tokens=40, evictions=3, blocks=5, nbytes=500, budget_bytes=1000)
     stats = SimpleNamespace(queued=0, running=0, max_running=4, resident=[], max_loras=2, cpu_cache_entries=0,
                             disk_load_seconds_p50=None, disk_load_seconds_p95=None, running_adapters={},
-                            waiting_adapters={}, prefix_cache=prefix)
+                            waiting_adapters={}, slot_writes=0, disk_loads=0, prefix_cache=prefix)
     metrics = ServerMetrics()
     metrics.registry.register(EngineStatsCollector(lambda: stats))
     found = samples(metrics.exposition().decode())
