@@ -1,7 +1,8 @@
 """Publish a folder written in private (a staging folder beside the target) under its final name.
 
 Readers see the old folder or the new one, never a half-written one; a crash before the rename
-leaves only a hidden staging folder. Used for converted models, adapters and training outputs.
+leaves only a hidden staging folder. Used for converted models, adapters and training outputs;
+`write_atomically` does the same for one file (reports, charts).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -45,3 +47,13 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(staging)` on a temporary file beside `path`, then rename it over `path`."""
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from backbone.atomic_folder import write_atomically
 from router.experiment_stats import Z_975, compare_means
 from server.experiment_store import DB_NAME, ExperimentStore
 from server.experiment_summary import reward_moments, summarize
@@ -90,8 +91,8 @@ def write_report(summary: dict, history: list[dict], folder: Path) -> list[Path]
     """Write both files atomically (temp file + rename); returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     markdown, chart = folder / MARKDOWN_FILE, folder / CHART_FILE
-    _replace_with(markdown, lambda staging: staging.write_text(render_markdown(summary, CHART_FILE)))
-    _replace_with(chart, lambda staging: _draw_chart(summary, history, staging))
+    write_atomically(markdown, lambda staging: staging.write_text(render_markdown(summary, CHART_FILE)))
+    write_atomically(chart, lambda staging: _draw_chart(summary, history, staging))
     return [markdown, chart]
 
 
@@ -169,15 +170,6 @@ def _draw_chart(summary: dict, history: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=80, format="png")
     plt.close(figure)
-
-
-def _replace_with(path: Path, write) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def _num(value: float | None) -> str:

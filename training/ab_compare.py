@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from adapters.peft_io import load_adapter
 from adapters.weights import AdapterWeights
+from backbone.atomic_folder import write_atomically
 from backbone.model import CausalLM
 from training.data import DATA_FORMATS, DataError, Example, jsonl_records
 from training.mixed_scoring import answer_losses, answer_span, clear_adapters, greedy_answers, pad_id_of, place_adapters
@@ -195,16 +195,6 @@ def write_outputs(report: ComparisonReport, folder: Path) -> list[Path]:
     chart_path = folder / CHART_FILE
     write_atomically(chart_path, lambda staging: _draw_chart(report, staging))
     return [report_path, chart_path]
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(staging)` on a temporary file beside `path`, then rename it over `path`."""
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def _draw_chart(report: ComparisonReport, path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from training.ab_compare import write_atomically
+from backbone.atomic_folder import write_atomically
 from training.evaluate import BASE
 
 REPORT_JSON = "report.json"
