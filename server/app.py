@@ -13,89 +13,40 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from uuid import uuid4
 
-from typing import Annotated
-
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.store import AdapterStore
 from backbone.model_source import load_pretrained, served_model_name
 from backbone.precision import resolve_precision
-from backbone.tokenizer import Tokenizer
 from router.path_guard import PathGuard
 from router.request_router import RequestRouter
-from router.task_table import TaskRoute, TaskTable
-from server.auth import OPEN_GRANT, ApiKeys, Grant
+from router.task_table import TaskTable
 from server.compute_threads import serial_torch
 from server.drain import DrainMiddleware, DrainState
-from server.engine import Engine, EngineConfig
 from server.edge_auth import EdgeAuthMiddleware
-from server.experiment_runtime import Experiments, build_experiments
-from server.fair_queue import TenantLimits, limit_table
+from server.engine import Engine, EngineConfig
+from server.experiment_runtime import build_experiments
+from server.fair_queue import limit_table
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
+from server.routes_adapters import router as adapters_router
+from server.routes_dashboard import install_dashboard
+from server.routes_completions import router as completions_router
+from server.routes_experiments import router as experiments_router
+from server.routes_health import router as health_router
+from server.routes_tasks import router as tasks_router
+from server.state import ServerSettings, ServerState
 from server.store_sync import StoreSync
 
 access_log = logging.getLogger("loraplex.access")
 log = logging.getLogger("loraplex.server")
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # echoed into headers and logs: keep it tame
-
-
-@dataclass
-class ServerSettings:
-    model: str = "default"  # "default" or a Hugging Face model folder
-    served_model_name: str | None = None  # the base's name in `model` and `X-Adapter`; default from the model
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder, registered at startup
-    tasks: dict[str, TaskRoute] = field(default_factory=dict)
-    experiments: dict[str, dict] = field(default_factory=dict)  # name -> PUT /v1/experiments body
-    state_dir: str | None = None  # experiments persist here (SQLite); None = in memory only
-    api_keys: ApiKeys | None = None  # None = no authentication (bind to loopback)
-    adapter_roots: list[str] = field(default_factory=list)  # where HTTP clients may load adapters from
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    request_timeout: float = 600.0  # seconds from arrival to the last token
-    max_body_bytes: int = 4 * 1024 * 1024  # prompts of a 128k context fit in well under 4 MiB
-    metrics_public: bool = False  # /metrics without a key even with api_keys (scrapers on a private network)
-    tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # with api_keys: per-tenant defaults; None = fair share
-    limit_concurrency: int | None = None  # open connections / requests before 503; None = max_running + max_queued + 64
-    header_timeout: float = 10.0  # seconds for a request's headers to arrive whole, else the connection closes
-    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
-    raw_special_tokens: bool = False  # special-token text in chat content becomes control tokens (unsafe)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    pinned: list[str] = field(default_factory=list)  # adapters kept resident; /ready waits for them
-    adapter_store: str | None = None  # a shared versioned store; `store:NAME@VERSION` paths read from it
-    sync_store: bool = False  # serve every adapter of the store and follow its LATEST pointers
-    store_poll_seconds: float = 2.0
-    drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
-    dashboard: bool = True  # GET /dashboard and the JSON it polls
-    runs_dir: str | None = None  # training runs (folders with log.jsonl) the dashboard lists
-    device: str = "cpu"  # `loraplex serve` resolves auto (backbone/precision.py) before it gets here
-    dtype: str = "float32"
-
-
-@dataclass
-class ServerState:
-    """Everything the handlers use; built once in the lifespan and kept on `app.state.server`."""
-
-    settings: ServerSettings
-    engine: Engine
-    tokenizer: Tokenizer
-    base_name: str
-    max_context: int
-    tasks: TaskTable
-    router: RequestRouter
-    guard: PathGuard
-    metrics: ServerMetrics
-    drain: DrainState
-    experiments: Experiments
-    store: AdapterStore | None = None
-    store_sync: StoreSync | None = None
-    started: float = field(default_factory=time.time)
 
 
 def create_app(settings: ServerSettings, drain: DrainState | None = None) -> FastAPI:
@@ -125,21 +76,12 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
             await state.experiments.drain()  # every handle has finished now: record the last outcomes
             state.experiments.store.close()
 
-    # The route modules import this module's dependencies, so they are imported here, not above.
-    from server.routes_adapters import router as adapters_router
-    from server.routes_completions import router as completions_router
-    from server.routes_experiments import router as experiments_router
-    from server.routes_health import router as health_router
-    from server.routes_tasks import router as tasks_router
-
     app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     install_error_handlers(app)
     for router in (completions_router, adapters_router, tasks_router, health_router, experiments_router):
         app.include_router(router)
     if settings.dashboard:
-        from server.routes_dashboard import install_dashboard
-
         install_dashboard(app, metrics)
     # Added last = outermost: the request id exists before the body limit can refuse a request.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -147,29 +89,6 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
     app.add_middleware(EdgeAuthMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-def get_grant(request: Request) -> Grant:
-    """The caller's grant from `Authorization: Bearer KEY`; everything is allowed without keys."""
-    keys = request.app.state.server.settings.api_keys
-    if keys is None:
-        return OPEN_GRANT
-    return keys.authenticate(request.headers.get("authorization"))
-
-
-def get_admin(request: Request) -> Grant:
-    grant = get_grant(request)
-    grant.require_admin()
-    return grant
-
-
-StateDep = Annotated[ServerState, Depends(get_state)]
-GrantDep = Annotated[Grant, Depends(get_grant)]
-AdminDep = Annotated[Grant, Depends(get_admin)]
 
 
 def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainState) -> ServerState:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.app import ServerState
+from server.state import ServerState
 from server.auth import Grant
 from server.traffic_history import Snapshot, TrafficHistory, load_series, series, window
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from router.task_table import check_name
-from server.app import AdminDep, GrantDep, StateDep
+from server.deps import AdminDep, GrantDep, StateDep
 from server.schemas import AdapterLoaded, LoadLoraAdapterRequest, ModelCard, ModelList, PinLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.store_sync import STORE_PREFIX, resolve_store_reference
 

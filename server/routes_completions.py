@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from backbone.sampling import SamplingParams
-from server.app import GrantDep, ServerState, StateDep
+from server.deps import GrantDep, StateDep
+from server.state import ServerState
 from server.auth import Grant
 from server.engine_errors import PromptTooLongError
 from server.http_errors import ApiError, RequestTimeoutError, error_body

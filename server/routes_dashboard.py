@@ -22,7 +22,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.app import AdminDep, GrantDep, StateDep
+from server.deps import AdminDep, GrantDep, StateDep
 from server.dashboard_view import dashboard_state
 from server.engine import EngineStats
 from server.http_errors import ApiError

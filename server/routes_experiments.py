@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from router.experiments import ExperimentError
 from router.request_router import AccessDeniedError
-from server.app import AdminDep, GrantDep, StateDep
+from server.deps import AdminDep, GrantDep, StateDep
 from server.experiment_runtime import (
     ExperimentAdapterError,
     ExperimentConflictError,

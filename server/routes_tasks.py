@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from router.request_router import AccessDeniedError
 from router.task_table import TaskRoute, route_from_json
-from server.app import AdminDep, GrantDep, StateDep
+from server.deps import AdminDep, GrantDep, StateDep
 from server.http_errors import ApiError
 from server.schemas import TaskEntry, TaskList, TaskRouteBody
 
