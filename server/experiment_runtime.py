@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Summary
 
+from router.adapter_registry import AdapterInfo, UnknownVersionError, split_reference
 from router.experiments import Arm, Experiment, assign, experiment_from_json, mirrors_to_shadow, with_buckets
 from router.feedback_index import FeedbackIndex
 from router.latency_histogram import bin_of
@@ -51,6 +52,18 @@ class UnknownFeedbackRequestError(LookupError):
     """Feedback for a request id the index does not know (never in an experiment, or forgotten)."""
 
 
+class PinnedVersionLimitError(ValueError):
+    """Pinning one more adapter version would pass the bound on versions kept registered."""
+
+
+class AdapterVersions(Protocol):
+    """Keeps pinned adapter versions registered across hot swaps; the engine implements it."""
+
+    def pin_adapter_version(self, reference: str) -> AdapterInfo: ...
+
+    def release_adapter_version(self, key: str) -> None: ...
+
+
 class ExperimentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["experiment", "arm"]
@@ -72,14 +85,19 @@ class Experiments:
         registry: CollectorRegistry,
         index: FeedbackIndex | None = None,
         snapshot_interval_s: float = SNAPSHOT_INTERVAL_S,
+        versions: AdapterVersions | None = None,
     ) -> None:
         self.store = store
         self.adapter_names = adapter_names
+        self.versions = versions
         self.metrics = ExperimentMetrics(registry)
         self.index = index or FeedbackIndex()
         self.snapshot_interval_s = snapshot_interval_s
         self._lock = threading.Lock()
         self._by_name = {experiment.name: experiment for experiment in store.load_all()}
+        self._pins: dict[str, list[AdapterInfo]] = {}  # experiment -> the versions it holds registered
+        for experiment in self._by_name.values():
+            self._pin_stored(experiment)
         self._last_snapshot: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()  # held so the loop does not drop them mid-way
 
@@ -88,24 +106,76 @@ class Experiments:
     def put(self, name: str, body: object) -> Experiment:
         experiment = experiment_from_json(name, body)
         loaded = self.adapter_names()
-        missing = [adapter for adapter in experiment.adapters if adapter not in loaded]
+        missing = [adapter for adapter in experiment.adapters if split_reference(adapter)[0] not in loaded]
         if missing:
             raise ExperimentAdapterError(
                 f"experiment {name!r} names adapter(s) {missing} that are not loaded; "
                 "load them first with POST /v1/load_lora_adapter"
             )
-        with self._lock:
-            holder = next((other for other in self._by_name.values()
-                           if other.name != name and other.running and other.task == experiment.task), None)
-            if experiment.running and holder is not None:
-                raise ExperimentConflictError(
-                    f"task {experiment.task!r} is already in running experiment {holder.name!r}; stop it "
-                    f"(PUT with \"status\": \"stopped\") or DELETE /v1/experiments/{holder.name} first"
-                )
-            experiment = with_buckets(experiment, self._by_name.get(name))
-            self.store.put(experiment)
-            self._by_name[name] = experiment
+        pins = self._pin(experiment)
+        try:
+            with self._lock:
+                holder = next((other for other in self._by_name.values()
+                               if other.name != name and other.running and other.task == experiment.task), None)
+                if experiment.running and holder is not None:
+                    raise ExperimentConflictError(
+                        f"task {experiment.task!r} is already in running experiment {holder.name!r}; stop it "
+                        f"(PUT with \"status\": \"stopped\") or DELETE /v1/experiments/{holder.name} first"
+                    )
+                experiment = with_buckets(experiment, self._by_name.get(name))
+                self.store.put(experiment, {info.key: info.content_hash for info in pins})
+                self._by_name[name] = experiment
+                pins, self._pins[name] = self._pins.get(name, []), pins  # the old definition's pins go
+        finally:
+            self._release(pins)
         return experiment
+
+    def _pin(self, experiment: Experiment) -> list[AdapterInfo]:
+        """Pin every "name@version" the experiment names (all or none); returns the versions pinned."""
+        pinned: list[AdapterInfo] = []
+        try:
+            for reference in experiment.pinned_versions:
+                if self.versions is None:
+                    raise ExperimentAdapterError(f"adapter version {reference!r} cannot be pinned: this server keeps no old versions")
+                pinned.append(self.versions.pin_adapter_version(reference))
+        except UnknownVersionError as err:
+            self._release(pinned)
+            raise ExperimentAdapterError(f"experiment {experiment.name!r}: {err}") from None
+        except OverflowError as err:
+            self._release(pinned)
+            raise PinnedVersionLimitError(f"experiment {experiment.name!r}: {err}") from None
+        except BaseException:
+            self._release(pinned)
+            raise
+        return pinned
+
+    def _pin_stored(self, experiment: Experiment) -> None:
+        """At startup. Version numbers restart with the process, so a stored "name@3" may now be
+        unregistered or other weights: such an experiment is stopped (its task falls back to the
+        task table) rather than served by the wrong version; PUT it again with a registered one."""
+        try:
+            pinned = self._pin(experiment)
+        except (ExperimentAdapterError, PinnedVersionLimitError) as err:
+            problem, pinned = str(err), []
+        else:
+            stored = self.store.pinned_hashes(experiment.name)
+            changed = [info.key for info in pinned if stored.get(info.key) != info.content_hash]
+            problem = f"pinned version(s) {changed} are other weights than when it was defined" if changed else ""
+        if problem:
+            self._release(pinned)
+            log.warning("experiment %s is stopped at startup: %s; PUT it again with registered versions",
+                        experiment.name, problem)
+            if experiment.running:
+                experiment = replace(experiment, status="stopped")
+                self.store.put(experiment)
+                self._by_name[experiment.name] = experiment
+            return
+        self._pins[experiment.name] = pinned
+
+    def _release(self, pinned: list[AdapterInfo]) -> None:
+        if self.versions is not None:
+            for info in pinned:
+                self.versions.release_adapter_version(info.key)
 
     def get(self, name: str) -> Experiment:
         with self._lock:
@@ -124,6 +194,8 @@ class Experiments:
             if experiment is None:
                 raise UnknownExperimentError(name)
             self.store.delete(name)
+            pins = self._pins.pop(name, [])
+        self._release(pins)
         self.index.forget_experiment(name)
         return experiment
 
@@ -295,13 +367,13 @@ def _latency_bins(finished: Finished, arrival: float) -> dict[str, int]:
 
 
 def build_experiments(state_dir: str | None, configured: dict[str, object], adapter_names: Callable[[], set[str]],
-                      registry: CollectorRegistry) -> Experiments:
+                      registry: CollectorRegistry, versions: AdapterVersions | None = None) -> Experiments:
     """The store (persistent with a state folder) and the experiments it holds, with those of the
     serve config applied on top: a configured experiment replaces its stored definition but
     keeps its counters and remembered units."""
     if state_dir is None and not configured:
         log.info("no state folder: experiments created over HTTP last until the server stops")
-    experiments = Experiments(ExperimentStore(state_dir), adapter_names, registry)
+    experiments = Experiments(ExperimentStore(state_dir), adapter_names, registry, versions=versions)
     for name, body in configured.items():
         experiments.put(name, body)
     return experiments

@@ -38,8 +38,10 @@ CREATE INDEX IF NOT EXISTS history_by_experiment ON history (experiment, at);
 CREATE TABLE IF NOT EXISTS shadow_outputs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT, request_id TEXT, at REAL, live_arm TEXT,
     live_text TEXT, shadow_text TEXT, finish_reason TEXT, error TEXT);
+CREATE TABLE IF NOT EXISTS pins (
+    experiment TEXT, adapter TEXT, content_hash TEXT NOT NULL, PRIMARY KEY (experiment, adapter)) WITHOUT ROWID;
 """
-TABLES_BY_EXPERIMENT = ("experiments", "counters", "latency_bins", "labels", "units", "history", "shadow_outputs")
+TABLES_BY_EXPERIMENT = ("experiments", "counters", "latency_bins", "labels", "units", "history", "shadow_outputs", "pins")
 
 
 class ExperimentStore:
@@ -80,11 +82,19 @@ class ExperimentStore:
 
     # ---- definitions -----------------------------------------------------------------------
 
-    def put(self, experiment: Experiment) -> None:
-        self._transaction([(
-            "INSERT OR REPLACE INTO experiments VALUES (?, ?, ?, ?)",
-            (experiment.name, json.dumps(experiment.to_json()), json.dumps(experiment.buckets), time.time()),
-        )])
+    def put(self, experiment: Experiment, pinned_hashes: dict[str, str] | None = None) -> None:
+        """The definition, and the content hash of each "name@version" it pins: version numbers
+        restart with the process, so a restart checks the weights, not the number."""
+        self._transaction([
+            ("INSERT OR REPLACE INTO experiments VALUES (?, ?, ?, ?)",
+             (experiment.name, json.dumps(experiment.to_json()), json.dumps(experiment.buckets), time.time())),
+            ("DELETE FROM pins WHERE experiment = ?", (experiment.name,)),
+            *[("INSERT INTO pins VALUES (?, ?, ?)", (experiment.name, adapter, content_hash))
+              for adapter, content_hash in (pinned_hashes or {}).items()],
+        ])
+
+    def pinned_hashes(self, experiment: str) -> dict[str, str]:
+        return dict(self._query("SELECT adapter, content_hash FROM pins WHERE experiment = ?", (experiment,)))
 
     def load_all(self) -> list[Experiment]:
         return [_experiment(definition, buckets) for definition, buckets in self._query(

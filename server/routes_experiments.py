@@ -17,6 +17,7 @@ from server.deps import AdminDep, GrantDep, StateDep
 from server.experiment_runtime import (
     ExperimentAdapterError,
     ExperimentConflictError,
+    PinnedVersionLimitError,
     UnknownExperimentError,
     UnknownFeedbackRequestError,
 )
@@ -59,6 +60,8 @@ def _as_http() -> Iterator[None]:
         raise ApiError(404, str(err), type="not_found_error", param="arms", code="adapter_not_found") from None
     except ExperimentConflictError as err:
         raise ApiError(409, str(err), type="conflict_error", param="task", code="experiment_conflict") from None
+    except PinnedVersionLimitError as err:
+        raise ApiError(409, str(err), type="conflict_error", param="arms", code="too_many_pinned_versions") from None
     except UnknownFeedbackRequestError as err:
         raise ApiError(404, str(err), type="not_found_error", param="request_id", code="request_not_found") from None
     except ExperimentError as err:
