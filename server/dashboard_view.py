@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.state import ServerState
 from server.auth import Grant
+from server.experiment_runtime import UnknownExperimentError
+from server.state import ServerState
 from server.traffic_history import Snapshot, TrafficHistory, load_series, series, window
 
 
@@ -53,6 +54,20 @@ def dashboard_state(state: ServerState, grant: Grant, history: TrafficHistory) -
             "load": load_series([*snapshots, now]),
         },
     }
+
+
+def experiment_summaries(state: ServerState, grant: Grant) -> list[dict[str, Any]] | None:
+    """Each experiment's figures as GET /v1/experiments/{name} gives them; None for a tenant,
+    since experiments (their arms name any adapter) are an admin resource like that endpoint."""
+    if not grant.admin:
+        return None
+    summaries = []
+    for name in state.experiments.names():
+        try:
+            summaries.append(state.experiments.summary(name))
+        except UnknownExperimentError:
+            continue  # deleted since it was listed
+    return summaries
 
 
 def _adapters(state: ServerState, grant: Grant, resident: list, history: TrafficHistory) -> list[dict[str, Any]]:

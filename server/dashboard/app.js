@@ -272,6 +272,7 @@ async function refresh() {
     renderTraffic($("traffic-adapters"), state.traffic.adapters);
     renderTraffic($("traffic-tasks"), state.traffic.tasks);
     renderTasks(state);
+    renderExperiments(state);
     document.body.dataset.loaded = String(Date.now());
   } catch (err) {
     if (err.status === 401) {
