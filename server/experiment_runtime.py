@@ -3,7 +3,8 @@ the live request's outcome and its shadow copy recorded in the background, and f
 
 The live answer never waits on anything here beyond the submit itself: outcomes are read from
 the request's handle by a background task, and the shadow copy is a separate engine request at
-lower priority whose failures are only counted."""
+lower priority whose failures are only counted, and which gives its row back when live requests
+wait for one (server.shadow_preemption)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from server.engine import Engine
 from server.experiment_store import ExperimentStore
 from server.experiment_summary import SHADOW_ARM, VERSION_PREFIX, summarize
 from server.request_handle import Finished, GenerationRequest, RequestHandle
+from server.shadow_preemption import ShadowPreemption
 
 log = logging.getLogger("loraplex.experiments")
 
@@ -92,6 +94,7 @@ class Experiments:
         self.versions = versions
         self.metrics = ExperimentMetrics(registry)
         self.index = index or FeedbackIndex()
+        self.preemption = ShadowPreemption()
         self.snapshot_interval_s = snapshot_interval_s
         self._lock = threading.Lock()
         self._by_name = {experiment.name: experiment for experiment in store.load_all()}
@@ -259,7 +262,7 @@ class Experiments:
                 log.info("shadow copy of %s for experiment %s not submitted: %s", request_id, name, err)
         self._spawn(self._record_live(name, arm, handle, arrival))
         if shadow_handle is not None:
-            self._spawn(self._record_shadow(name, arm, request_id, handle, shadow_handle, arrival))
+            self._spawn(self._record_shadow(engine, name, arm, request_id, handle, shadow_handle, arrival))
         return handle
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -278,11 +281,15 @@ class Experiments:
             self.metrics.errors.labels(name, arm).inc()
         self._maybe_snapshot(name)
 
-    async def _record_shadow(self, name: str, live_arm: str, request_id: str, live: RequestHandle,
+    async def _record_shadow(self, engine: Engine, name: str, live_arm: str, request_id: str, live: RequestHandle,
                              shadow: RequestHandle, arrival: float) -> None:
-        finished = await _finished(shadow)
+        finished, preempted = await self.preemption.follow(engine, shadow)
         live_finished = await _finished(live)
         if not self._exists(name):
+            return
+        if preempted:  # its row went to live work; a cut-short text says nothing about the candidate
+            self.store.add(name, SHADOW_ARM, {"preempted": 1})
+            self.metrics.shadow.labels(name, "preempted").inc()
             return
         self.store.add(name, SHADOW_ARM, _outcome_counters(finished), _latency_bins(finished, arrival))
         self.store.record_shadow(name, request_id, live_arm, live_finished.text, finished.text,

@@ -92,7 +92,8 @@ function experimentBlock(summary) {
   if (summary.shadow) {
     const s = summary.shadow;
     block.appendChild(el("div", "shadow " + s.adapter + " at " + formatShare(s.rate) + ": " + formatCount(s.requests) +
-      " recorded, " + formatCount(s.errors) + " failed, " + formatCount(s.dropped) + " not sent", "muted shadow"));
+      " recorded, " + formatCount(s.errors) + " failed, " + formatCount(s.dropped) + " not sent, " +
+      formatCount(s.preempted) + " gave their row to live requests", "muted shadow"));
   }
   return block;
 }
