@@ -75,6 +75,9 @@ def _adapters(state: ServerState, grant: Grant, resident: list, history: Traffic
     cpu_sizes = tiers.cpu.sizes()
     pinned = tiers.pinned_names()
     slots = {f"{entry.name}@{entry.version}": entry for entry in resident}
+    kept: dict[str, list[int]] = {}
+    for old in tiers.registry.kept_infos():
+        kept.setdefault(old.name, []).append(old.version)
     rows = []
     for info in state.engine.adapter_infos():
         if not grant.allows_adapter(info.name):
@@ -91,7 +94,10 @@ def _adapters(state: ServerState, grant: Grant, resident: list, history: Traffic
             "name": info.name,
             "version": info.version,
             # Older versions still in a slot finish the requests that hold them (a hot swap).
-            "draining_versions": sorted(e.version for e in resident if e.name == info.name and e.version != info.version),
+            "draining_versions": sorted(e.version for e in resident if e.name == info.name and e.version != info.version
+                                        and e.version not in kept.get(info.name, [])),
+            # Older versions an experiment pins: still served as NAME@VERSION to that experiment's arm.
+            "kept_versions": sorted(kept.get(info.name, [])),
             "tier": tier,
             "slot": entry.slot if entry is not None else None,
             "running": entry.in_use if entry is not None else 0,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
 
 from router.adapter_registry import AdapterInfo, UnknownVersionError, split_reference
 from router.experiments import Arm, Experiment, assign, experiment_from_json, mirrors_to_shadow, with_buckets
@@ -93,6 +93,11 @@ class Experiments:
         self.adapter_names = adapter_names
         self.versions = versions
         self.metrics = ExperimentMetrics(registry)
+        writer = store.writer
+        Gauge("loraplex_experiment_writes_queued", "Experiment writes waiting for the writer thread",
+              registry=registry).set_function(writer.queued)
+        Gauge("loraplex_experiment_writes_failed", "Experiment writes lost to errors since start (each logged)",
+              registry=registry).set_function(lambda: writer.failed_writes)
         self.index = index or FeedbackIndex()
         self.preemption = ShadowPreemption()
         self.snapshot_interval_s = snapshot_interval_s

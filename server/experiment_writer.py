@@ -60,6 +60,9 @@ class StoreWriter:
         self._put(_Item(work, done=done))
         done.result()
 
+    def queued(self) -> int:
+        return self._queue.qsize()
+
     def flush(self) -> None:
         """Return once every write queued so far is committed (or has failed)."""
         self.write_and_wait([])

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import CollectorRegistry
+
 from router.experiments import experiment_from_json, with_buckets
+from server.experiment_runtime import build_experiments
 from server.experiment_store import ExperimentStore
 
 EXPERIMENT = {"task": "qa", "control": "a",
@@ -77,3 +80,13 @@ def test_close_commits_what_is_queued(tmp_path):
     assert reopened.counters("exp") == {"b": {"requests": 30.0, "reward_sum": 15.0}}
     assert reopened.history("exp") == [(1.0, {"b": {"requests": 30.0, "reward_sum": 15.0}})]  # after the adds
     reopened.close()
+
+
+def test_the_writer_queue_and_its_losses_are_prometheus_gauges():
+    registry = CollectorRegistry()
+    experiments = build_experiments(None, {"exp": EXPERIMENT}, lambda: {"qa-a", "qa-b"}, registry)
+    experiments.store.writer.write([("INSERT INTO no_such_table VALUES (1)", ())])
+    experiments.store.flush()
+    assert registry.get_sample_value("loraplex_experiment_writes_failed") == 1.0
+    assert registry.get_sample_value("loraplex_experiment_writes_queued") == 0.0
+    experiments.store.close()

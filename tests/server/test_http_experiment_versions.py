@@ -74,6 +74,8 @@ def test_pinned_arm_keeps_its_version_through_hot_swaps_and_is_released_on_delet
         v3_text = engine_text(server, "main")
         assert v3_text != v1_text  # the versions answer differently, so serving the wrong one would show
         assert engine.tiers.registry.lookup("main@2") is None  # a swapped-out version nobody pins is gone
+        (row,) = [a for a in h.get("/dashboard/api/state").json()["adapters"] if a["name"] == "main"]
+        assert (row["version"], row["kept_versions"]) == (3, [1])
         # The fillers take both CPU entries: main@1 must come back from disk for its arm.
         engine_text(server, "filler1"), engine_text(server, "filler2")
         assert "main@1" not in engine.tiers.cpu
@@ -93,6 +95,8 @@ def test_pinned_arm_keeps_its_version_through_hot_swaps_and_is_released_on_delet
         assert engine.tiers.registry.lookup("main@1") is None
         assert wait_until(lambda: "main@1" not in engine.tiers.cpu and engine.tiers.slots.slot_of("main@1") is None)
         assert engine.tiers.registry.pinned() == {}
+        (row,) = [a for a in h.get("/dashboard/api/state").json()["adapters"] if a["name"] == "main"]
+        assert row["kept_versions"] == []
 
 
 def test_unknown_malformed_and_too_many_pinned_versions_get_clear_errors(files, tmp_path):
