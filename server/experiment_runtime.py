@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
 
-from router.adapter_registry import AdapterInfo, UnknownVersionError, split_reference
+from router.adapter_registry import AdapterInfo, UnknownVersionError
 from router.experiments import Arm, Experiment, assign, experiment_from_json, mirrors_to_shadow, with_buckets
 from router.feedback_index import FeedbackIndex
 from router.latency_histogram import bin_of
@@ -114,7 +114,8 @@ class Experiments:
     def put(self, name: str, body: object) -> Experiment:
         experiment = experiment_from_json(name, body)
         loaded = self.adapter_names()
-        missing = [adapter for adapter in experiment.adapters if split_reference(adapter)[0] not in loaded]
+        # A pinned version may outlive its name (kept for another experiment): `_pin` checks those.
+        missing = [adapter for adapter in experiment.adapters if "@" not in adapter and adapter not in loaded]
         if missing:
             raise ExperimentAdapterError(
                 f"experiment {name!r} names adapter(s) {missing} that are not loaded; "

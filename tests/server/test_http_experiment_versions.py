@@ -132,3 +132,23 @@ def test_a_restart_keeps_a_pin_on_the_same_weights_and_stops_an_experiment_whose
         headers, _ = ask(server, "qa", "u0")
         assert "x-experiment" not in headers  # the task table serves the task again
         assert server.state.engine.tiers.registry.pinned() == {}
+
+
+def test_a_pinned_version_outlives_unloading_its_name_until_the_last_experiment_goes(files, tmp_path):
+    only_v1 = {"task": "qa", "arms": [{"name": "a", "adapter": "main@1", "weight": 1.0}]}
+    with live_server(settings_for(files, tmp_path)) as server, http(server) as h:
+        v1_text = engine_text(server, "main")
+        assert h.put("/v1/experiments/first", json=only_v1).status_code == 200
+        assert h.post("/v1/unload_lora_adapter", json={"lora_name": "main"}).status_code == 200
+        headers, text = ask(server, "qa", "u1")
+        assert (headers["x-adapter"], text) == ("main@1", v1_text)
+        second = h.put("/v1/experiments/second", json={**only_v1, "task": "qb"})  # pins the kept version again
+        assert second.status_code == 200, second.text
+        unknown = h.put("/v1/experiments/third", json={**only_v1, "task": "qb", "status": "stopped",
+                                                       "arms": [{"name": "a", "adapter": "main", "weight": 1}]})
+        assert unknown.status_code == 404 and "'main'" in unknown.json()["error"]["message"]  # the latest is gone
+        registry = server.state.engine.tiers.registry
+        assert h.delete("/v1/experiments/first").status_code == 200
+        assert registry.lookup("main@1") is not None  # "second" still pins it
+        assert h.delete("/v1/experiments/second").status_code == 200
+        assert registry.lookup("main@1") is None and registry.pinned() == {}
