@@ -16,16 +16,16 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
 
-from router.adapter_registry import AdapterInfo, UnknownVersionError
 from router.experiments import Arm, Experiment, assign, experiment_from_json, mirrors_to_shadow, with_buckets
 from router.feedback_index import FeedbackIndex
 from router.latency_histogram import bin_of
 from router.request_router import RouteDecision
 from server.engine import Engine
+from server.experiment_pins import AdapterVersions, ExperimentAdapterError, VersionPins
 from server.experiment_store import ExperimentStore
 from server.experiment_summary import SHADOW_ARM, VERSION_PREFIX, summarize
 from server.request_handle import Finished, GenerationRequest, RequestHandle
@@ -46,24 +46,8 @@ class ExperimentConflictError(ValueError):
     """Another running experiment holds the task."""
 
 
-class ExperimentAdapterError(ValueError):
-    """An arm or the shadow names an adapter that is not loaded."""
-
-
 class UnknownFeedbackRequestError(LookupError):
     """Feedback for a request id the index does not know (never in an experiment, or forgotten)."""
-
-
-class PinnedVersionLimitError(ValueError):
-    """Pinning one more adapter version would pass the bound on versions kept registered."""
-
-
-class AdapterVersions(Protocol):
-    """Keeps pinned adapter versions registered across hot swaps; the engine implements it."""
-
-    def pin_adapter_version(self, reference: str) -> AdapterInfo: ...
-
-    def release_adapter_version(self, key: str) -> None: ...
 
 
 class ExperimentMetrics:
@@ -91,7 +75,6 @@ class Experiments:
     ) -> None:
         self.store = store
         self.adapter_names = adapter_names
-        self.versions = versions
         self.metrics = ExperimentMetrics(registry)
         writer = store.writer
         Gauge("loraplex_experiment_writes_queued", "Experiment writes waiting for the writer thread",
@@ -103,9 +86,9 @@ class Experiments:
         self.snapshot_interval_s = snapshot_interval_s
         self._lock = threading.Lock()
         self._by_name = {experiment.name: experiment for experiment in store.load_all()}
-        self._pins: dict[str, list[AdapterInfo]] = {}  # experiment -> the versions it holds registered
-        for experiment in self._by_name.values():
-            self._pin_stored(experiment)
+        self.pins = VersionPins(versions)
+        for experiment in list(self._by_name.values()):
+            self._restore_pins(experiment)
         self._last_snapshot: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()  # held so the loop does not drop them mid-way
 
@@ -121,7 +104,7 @@ class Experiments:
                 f"experiment {name!r} names adapter(s) {missing} that are not loaded; "
                 "load them first with POST /v1/load_lora_adapter"
             )
-        pins = self._pin(experiment)
+        pins = self.pins.pin(experiment)
         try:
             with self._lock:
                 holder = next((other for other in self._by_name.values()
@@ -134,57 +117,23 @@ class Experiments:
                 experiment = with_buckets(experiment, self._by_name.get(name))
                 self.store.put(experiment, {info.key: info.content_hash for info in pins})
                 self._by_name[name] = experiment
-                pins, self._pins[name] = self._pins.get(name, []), pins  # the old definition's pins go
+                pins = self.pins.hold(name, pins)  # the old definition's pins go
         finally:
-            self._release(pins)
+            self.pins.release(pins)
         return experiment
 
-    def _pin(self, experiment: Experiment) -> list[AdapterInfo]:
-        """Pin every "name@version" the experiment names (all or none); returns the versions pinned."""
-        pinned: list[AdapterInfo] = []
-        try:
-            for reference in experiment.pinned_versions:
-                if self.versions is None:
-                    raise ExperimentAdapterError(f"adapter version {reference!r} cannot be pinned: this server keeps no old versions")
-                pinned.append(self.versions.pin_adapter_version(reference))
-        except UnknownVersionError as err:
-            self._release(pinned)
-            raise ExperimentAdapterError(f"experiment {experiment.name!r}: {err}") from None
-        except OverflowError as err:
-            self._release(pinned)
-            raise PinnedVersionLimitError(f"experiment {experiment.name!r}: {err}") from None
-        except BaseException:
-            self._release(pinned)
-            raise
-        return pinned
-
-    def _pin_stored(self, experiment: Experiment) -> None:
+    def _restore_pins(self, experiment: Experiment) -> None:
         """At startup. Version numbers restart with the process, so a stored "name@3" may now be
         unregistered or other weights: such an experiment is stopped (its task falls back to the
         task table) rather than served by the wrong version; PUT it again with a registered one."""
-        try:
-            pinned = self._pin(experiment)
-        except (ExperimentAdapterError, PinnedVersionLimitError) as err:
-            problem, pinned = str(err), []
-        else:
-            stored = self.store.pinned_hashes(experiment.name)
-            changed = [info.key for info in pinned if stored.get(info.key) != info.content_hash]
-            problem = f"pinned version(s) {changed} are other weights than when it was defined" if changed else ""
+        problem = self.pins.restore(experiment, self.store.pinned_hashes(experiment.name))
         if problem:
-            self._release(pinned)
             log.warning("experiment %s is stopped at startup: %s; PUT it again with registered versions",
                         experiment.name, problem)
             if experiment.running:
                 experiment = replace(experiment, status="stopped")
                 self.store.put(experiment)
                 self._by_name[experiment.name] = experiment
-            return
-        self._pins[experiment.name] = pinned
-
-    def _release(self, pinned: list[AdapterInfo]) -> None:
-        if self.versions is not None:
-            for info in pinned:
-                self.versions.release_adapter_version(info.key)
 
     def get(self, name: str) -> Experiment:
         with self._lock:
@@ -203,8 +152,7 @@ class Experiments:
             if experiment is None:
                 raise UnknownExperimentError(name)
             self.store.delete(name)
-            pins = self._pins.pop(name, [])
-        self._release(pins)
+        self.pins.drop(name)
         self.index.forget_experiment(name)
         return experiment
 

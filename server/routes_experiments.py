@@ -15,13 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from router.experiments import ExperimentError
 from router.request_router import AccessDeniedError
 from server.deps import AdminDep, GrantDep, StateDep
-from server.experiment_runtime import (
-    ExperimentAdapterError,
-    ExperimentConflictError,
-    PinnedVersionLimitError,
-    UnknownExperimentError,
-    UnknownFeedbackRequestError,
-)
+from server.experiment_pins import ExperimentAdapterError, PinnedVersionLimitError
+from server.experiment_runtime import ExperimentConflictError, UnknownExperimentError, UnknownFeedbackRequestError
 from server.http_errors import ApiError
 
 router = APIRouter()
