@@ -5,9 +5,9 @@ at it, so a bad adapter never becomes visible. A request holds its exact version
 finish; a version replaced by a newer one (hot swap) or unregistered is retired, and its slot and
 CPU copy are dropped once no request holds it. A version an experiment pins is not retired when
 replaced: it stays registered as "name@version" (evictable to CPU and disk like any adapter)
-until its last pin is released, and the pinned versions are at most `max_cpu_loras`, so they all
-fit the CPU tier together. Disk reads of adapters that fell out of the CPU
-cache run on a background thread, so only the requests that need them wait.
+until its last pin is released; at most `max_cpu_loras` versions are pinned, so they all fit the
+CPU tier together. Disk reads of adapters that fell out of the CPU cache run on a background
+thread, so only the requests that need them wait.
 
 Methods marked "worker" touch the slot table and the LoRA buffers and run only on the engine's
 worker thread; the rest are thread-safe.

@@ -97,7 +97,7 @@ class Experiments:
     def put(self, name: str, body: object) -> Experiment:
         experiment = experiment_from_json(name, body)
         loaded = self.adapter_names()
-        # A pinned version may outlive its name (kept for another experiment): `_pin` checks those.
+        # A pinned version may outlive its name (kept for another experiment): `pins.pin` checks those.
         missing = [adapter for adapter in experiment.adapters if "@" not in adapter and adapter not in loaded]
         if missing:
             raise ExperimentAdapterError(
