@@ -12,7 +12,8 @@ import hashlib
 import math
 from dataclasses import dataclass, field, replace
 
-from router.task_table import check_name
+from router.adapter_registry import split_reference
+from router.task_table import TaskTableError, check_name
 
 BUCKETS = 10_000  # assignment granularity: weights are honoured to 0.01%
 UNIT_KINDS = ("user", "request")  # "user": the `user` field or X-User-Id, else the request id
@@ -26,7 +27,7 @@ class ExperimentError(ValueError):
 @dataclass(frozen=True)
 class Arm:
     name: str
-    adapter: str
+    adapter: str  # "name" = the adapter's latest version; "name@7" = exactly version 7 (as X-Adapter says)
     weight: float
 
 
@@ -62,8 +63,14 @@ class Experiment:
 
     @property
     def adapters(self) -> list[str]:
+        """The adapter references of the arms and the shadow, as written ("name" or "name@7")."""
         shadow = [self.shadow.adapter] if self.shadow else []
         return [arm.adapter for arm in self.arms] + shadow
+
+    @property
+    def pinned_versions(self) -> list[str]:
+        """The distinct "name@version" references: the server keeps those versions registered."""
+        return sorted({adapter for adapter in self.adapters if "@" in adapter})
 
     def arm(self, name: str) -> Arm | None:
         return next((arm for arm in self.arms if arm.name == name), None)
@@ -105,7 +112,7 @@ def experiment_from_json(name: str, body: object) -> Experiment:
         weight = raw.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ExperimentError(f"arm {raw.get('name')!r} has weight {weight!r}; weights must be numbers >= 0")
-        arms.append(Arm(check_name(raw.get("name"), "arm"), check_name(raw.get("adapter"), "adapter"), float(weight)))
+        arms.append(Arm(check_name(raw.get("name"), "arm"), adapter_reference(raw.get("adapter"), "adapter"), float(weight)))
     names = [arm.name for arm in arms]
     if len(set(names)) != len(names):
         raise ExperimentError(f"arm names must be unique, got {names}")
@@ -143,7 +150,19 @@ def _shadow_from_json(raw: object) -> Shadow | None:
     rate = raw.get("rate", 1.0)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise ExperimentError(f"shadow rate {rate!r} must be a number in (0, 1]")
-    return Shadow(check_name(raw.get("adapter"), "shadow adapter"), float(rate))
+    return Shadow(adapter_reference(raw.get("adapter"), "shadow adapter"), float(rate))
+
+
+def adapter_reference(value: object, what: str) -> str:
+    """An adapter name, or "name@version" to pin one version of it."""
+    if not isinstance(value, str):
+        raise ExperimentError(f"{what} {value!r} must be a string: NAME for the latest version or NAME@VERSION")
+    try:
+        name, _ = split_reference(value)
+        check_name(name, what)
+    except (ValueError, TaskTableError) as err:
+        raise ExperimentError(str(err)) from None
+    return value
 
 
 def unit_hash(experiment: str, key: str, salt: str = "") -> int:

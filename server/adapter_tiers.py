@@ -3,8 +3,11 @@
 Registration parses and validates an adapter fully on the caller's thread before the name points
 at it, so a bad adapter never becomes visible. A request holds its exact version from submit to
 finish; a version replaced by a newer one (hot swap) or unregistered is retired, and its slot and
-CPU copy are dropped once no request holds it. Disk reads of adapters that fell out of the CPU
-cache run on a background thread, so only the requests that need them wait.
+CPU copy are dropped once no request holds it. A version an experiment pins is not retired when
+replaced: it stays registered as "name@version" (evictable to CPU and disk like any adapter)
+until its last pin is released; at most `max_cpu_loras` versions are pinned, so they all fit the
+CPU tier together. Disk reads of adapters that fell out of the CPU cache run on a background
+thread, so only the requests that need them wait.
 
 Methods marked "worker" touch the slot table and the LoRA buffers and run only on the engine's
 worker thread; the rest are thread-safe.
@@ -68,6 +71,7 @@ class AdapterTiers:
         self._model_config = model_config
         self._layers = layers
         self._max_rank = max_rank
+        self._max_pinned_versions = max_cpu_loras  # pinned versions count against the CPU tier
         self._strict_base = strict_base
         self._served_model_name = served_model_name
         self._wake = wake  # tells the worker something it waits for has happened
@@ -130,7 +134,7 @@ class AdapterTiers:
             self.disk_loads += 1
         with publish_lock:
             replaced = self.registry.publish(info)
-            if replaced is not None:
+            if replaced is not None and not self.registry.is_kept(replaced.key):
                 self.retire(replaced.key)
             if replaced is info:  # a newer registration of the name won while this one loaded
                 current = self.registry.current(name)
@@ -141,10 +145,22 @@ class AdapterTiers:
     def unregister(self, name: str) -> AdapterInfo | None:
         info = self.registry.remove(name)
         if info is not None:
-            self.retire(info.key)
+            if not self.registry.is_kept(info.key):
+                self.retire(info.key)
             with self._lock:
                 self._pinned_names.discard(name)
         return info
+
+    def pin_version(self, reference: str) -> AdapterInfo:
+        """Keep "name@version" registered until `release_version`, even after `name` is hot
+        swapped or unregistered (raises UnknownVersionError, OverflowError past the bound)."""
+        return self.registry.pin(reference, self._max_pinned_versions)
+
+    def release_version(self, key: str) -> None:
+        """Release one pin; a replaced version's last release retires it like any old version."""
+        released = self.registry.unpin(key)
+        if released is not None:
+            self.retire(released.key)
 
     # ---- request lifetime (any thread) -------------------------------------------------------
 

@@ -129,7 +129,7 @@ def build_state(settings: ServerSettings, metrics: ServerMetrics, drain: DrainSt
         def adapter_names() -> set[str]:  # read per request: adapters load and unload at run time
             return {info.name for info in engine.adapter_infos()}
 
-        experiments = build_experiments(settings.state_dir, settings.experiments, adapter_names, metrics.registry)
+        experiments = build_experiments(settings.state_dir, settings.experiments, adapter_names, metrics.registry, engine)
     except BaseException:
         engine.shutdown()
         raise

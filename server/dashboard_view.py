@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.state import ServerState
 from server.auth import Grant
+from server.experiment_runtime import UnknownExperimentError
+from server.state import ServerState
 from server.traffic_history import Snapshot, TrafficHistory, load_series, series, window
 
 
@@ -55,11 +56,28 @@ def dashboard_state(state: ServerState, grant: Grant, history: TrafficHistory) -
     }
 
 
+def experiment_summaries(state: ServerState, grant: Grant) -> list[dict[str, Any]] | None:
+    """Each experiment's figures as GET /v1/experiments/{name} gives them; None for a tenant,
+    since experiments (their arms name any adapter) are an admin resource like that endpoint."""
+    if not grant.admin:
+        return None
+    summaries = []
+    for name in state.experiments.names():
+        try:
+            summaries.append(state.experiments.summary(name))
+        except UnknownExperimentError:
+            continue  # deleted since it was listed
+    return summaries
+
+
 def _adapters(state: ServerState, grant: Grant, resident: list, history: TrafficHistory) -> list[dict[str, Any]]:
     tiers = state.engine.tiers
     cpu_sizes = tiers.cpu.sizes()
     pinned = tiers.pinned_names()
     slots = {f"{entry.name}@{entry.version}": entry for entry in resident}
+    kept: dict[str, list[int]] = {}
+    for old in tiers.registry.kept_infos():
+        kept.setdefault(old.name, []).append(old.version)
     rows = []
     for info in state.engine.adapter_infos():
         if not grant.allows_adapter(info.name):
@@ -76,7 +94,10 @@ def _adapters(state: ServerState, grant: Grant, resident: list, history: Traffic
             "name": info.name,
             "version": info.version,
             # Older versions still in a slot finish the requests that hold them (a hot swap).
-            "draining_versions": sorted(e.version for e in resident if e.name == info.name and e.version != info.version),
+            "draining_versions": sorted(e.version for e in resident if e.name == info.name and e.version != info.version
+                                        and e.version not in kept.get(info.name, [])),
+            # Older versions an experiment pins: still served as NAME@VERSION to that experiment's arm.
+            "kept_versions": sorted(kept.get(info.name, [])),
             "tier": tier,
             "slot": entry.slot if entry is not None else None,
             "running": entry.in_use if entry is not None else 0,

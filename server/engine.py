@@ -208,6 +208,14 @@ class Engine:
             if self.tiers.unregister(name) is None:
                 raise UnknownAdapterError(name)
 
+    def pin_adapter_version(self, reference: str) -> AdapterInfo:
+        """Keep "name@version" servable until released, across hot swaps of `name`."""
+        return self.tiers.pin_version(reference)
+
+    def release_adapter_version(self, key: str) -> None:
+        with self._lock:  # with submit's lookup-and-hold, as unregister_adapter
+            self.tiers.release_version(key)
+
     def adapter_infos(self) -> list[AdapterInfo]:
         return self.tiers.registry.infos()
 
@@ -249,7 +257,7 @@ class Engine:
                 raise EngineStoppedError()
             adapter = None
             if request.adapter is not None:
-                adapter = self.tiers.registry.current(request.adapter)
+                adapter = self.tiers.registry.lookup(request.adapter)  # "name" or a pinned "name@version"
                 if adapter is None:
                     raise UnknownAdapterError(request.adapter)
             if len(self._queue) >= self.config.max_queued:

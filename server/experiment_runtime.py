@@ -3,7 +3,8 @@ the live request's outcome and its shadow copy recorded in the background, and f
 
 The live answer never waits on anything here beyond the submit itself: outcomes are read from
 the request's handle by a background task, and the shadow copy is a separate engine request at
-lower priority whose failures are only counted."""
+lower priority whose failures are only counted, and which gives its row back when live requests
+wait for one (server.shadow_preemption)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,18 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
 
 from router.experiments import Arm, Experiment, assign, experiment_from_json, mirrors_to_shadow, with_buckets
 from router.feedback_index import FeedbackIndex
 from router.latency_histogram import bin_of
 from router.request_router import RouteDecision
 from server.engine import Engine
+from server.experiment_pins import AdapterVersions, ExperimentAdapterError, VersionPins
 from server.experiment_store import ExperimentStore
 from server.experiment_summary import SHADOW_ARM, VERSION_PREFIX, summarize
 from server.request_handle import Finished, GenerationRequest, RequestHandle
+from server.shadow_preemption import ShadowPreemption
 
 log = logging.getLogger("loraplex.experiments")
 
@@ -41,10 +44,6 @@ class UnknownExperimentError(LookupError):
 
 class ExperimentConflictError(ValueError):
     """Another running experiment holds the task."""
-
-
-class ExperimentAdapterError(ValueError):
-    """An arm or the shadow names an adapter that is not loaded."""
 
 
 class UnknownFeedbackRequestError(LookupError):
@@ -72,14 +71,24 @@ class Experiments:
         registry: CollectorRegistry,
         index: FeedbackIndex | None = None,
         snapshot_interval_s: float = SNAPSHOT_INTERVAL_S,
+        versions: AdapterVersions | None = None,
     ) -> None:
         self.store = store
         self.adapter_names = adapter_names
         self.metrics = ExperimentMetrics(registry)
+        writer = store.writer
+        Gauge("loraplex_experiment_writes_queued", "Experiment writes waiting for the writer thread",
+              registry=registry).set_function(writer.queued)
+        Gauge("loraplex_experiment_writes_failed", "Experiment writes lost to errors since start (each logged)",
+              registry=registry).set_function(lambda: writer.failed_writes)
         self.index = index or FeedbackIndex()
+        self.preemption = ShadowPreemption()
         self.snapshot_interval_s = snapshot_interval_s
         self._lock = threading.Lock()
         self._by_name = {experiment.name: experiment for experiment in store.load_all()}
+        self.pins = VersionPins(versions)
+        for experiment in list(self._by_name.values()):
+            self._restore_pins(experiment)
         self._last_snapshot: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()  # held so the loop does not drop them mid-way
 
@@ -88,24 +97,43 @@ class Experiments:
     def put(self, name: str, body: object) -> Experiment:
         experiment = experiment_from_json(name, body)
         loaded = self.adapter_names()
-        missing = [adapter for adapter in experiment.adapters if adapter not in loaded]
+        # A pinned version may outlive its name (kept for another experiment): `pins.pin` checks those.
+        missing = [adapter for adapter in experiment.adapters if "@" not in adapter and adapter not in loaded]
         if missing:
             raise ExperimentAdapterError(
                 f"experiment {name!r} names adapter(s) {missing} that are not loaded; "
                 "load them first with POST /v1/load_lora_adapter"
             )
-        with self._lock:
-            holder = next((other for other in self._by_name.values()
-                           if other.name != name and other.running and other.task == experiment.task), None)
-            if experiment.running and holder is not None:
-                raise ExperimentConflictError(
-                    f"task {experiment.task!r} is already in running experiment {holder.name!r}; stop it "
-                    f"(PUT with \"status\": \"stopped\") or DELETE /v1/experiments/{holder.name} first"
-                )
-            experiment = with_buckets(experiment, self._by_name.get(name))
-            self.store.put(experiment)
-            self._by_name[name] = experiment
+        pins = self.pins.pin(experiment)
+        try:
+            with self._lock:
+                holder = next((other for other in self._by_name.values()
+                               if other.name != name and other.running and other.task == experiment.task), None)
+                if experiment.running and holder is not None:
+                    raise ExperimentConflictError(
+                        f"task {experiment.task!r} is already in running experiment {holder.name!r}; stop it "
+                        f"(PUT with \"status\": \"stopped\") or DELETE /v1/experiments/{holder.name} first"
+                    )
+                experiment = with_buckets(experiment, self._by_name.get(name))
+                self.store.put(experiment, {info.key: info.content_hash for info in pins})
+                self._by_name[name] = experiment
+                pins = self.pins.hold(name, pins)  # the old definition's pins go
+        finally:
+            self.pins.release(pins)
         return experiment
+
+    def _restore_pins(self, experiment: Experiment) -> None:
+        """At startup. Version numbers restart with the process, so a stored "name@3" may now be
+        unregistered or other weights: such an experiment is stopped (its task falls back to the
+        task table) rather than served by the wrong version; PUT it again with a registered one."""
+        problem = self.pins.restore(experiment, self.store.pinned_hashes(experiment.name))
+        if problem:
+            log.warning("experiment %s is stopped at startup: %s; PUT it again with registered versions",
+                        experiment.name, problem)
+            if experiment.running:
+                experiment = replace(experiment, status="stopped")
+                self.store.put(experiment)
+                self._by_name[experiment.name] = experiment
 
     def get(self, name: str) -> Experiment:
         with self._lock:
@@ -124,6 +152,7 @@ class Experiments:
             if experiment is None:
                 raise UnknownExperimentError(name)
             self.store.delete(name)
+        self.pins.drop(name)
         self.index.forget_experiment(name)
         return experiment
 
@@ -187,7 +216,7 @@ class Experiments:
                 log.info("shadow copy of %s for experiment %s not submitted: %s", request_id, name, err)
         self._spawn(self._record_live(name, arm, handle, arrival))
         if shadow_handle is not None:
-            self._spawn(self._record_shadow(name, arm, request_id, handle, shadow_handle, arrival))
+            self._spawn(self._record_shadow(engine, name, arm, request_id, handle, shadow_handle, arrival))
         return handle
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -206,11 +235,15 @@ class Experiments:
             self.metrics.errors.labels(name, arm).inc()
         self._maybe_snapshot(name)
 
-    async def _record_shadow(self, name: str, live_arm: str, request_id: str, live: RequestHandle,
+    async def _record_shadow(self, engine: Engine, name: str, live_arm: str, request_id: str, live: RequestHandle,
                              shadow: RequestHandle, arrival: float) -> None:
-        finished = await _finished(shadow)
+        finished, preempted = await self.preemption.follow(engine, shadow)
         live_finished = await _finished(live)
         if not self._exists(name):
+            return
+        if preempted:  # its row went to live work; a cut-short text says nothing about the candidate
+            self.store.add(name, SHADOW_ARM, {"preempted": 1})
+            self.metrics.shadow.labels(name, "preempted").inc()
             return
         self.store.add(name, SHADOW_ARM, _outcome_counters(finished), _latency_bins(finished, arrival))
         self.store.record_shadow(name, request_id, live_arm, live_finished.text, finished.text,
@@ -295,13 +328,13 @@ def _latency_bins(finished: Finished, arrival: float) -> dict[str, int]:
 
 
 def build_experiments(state_dir: str | None, configured: dict[str, object], adapter_names: Callable[[], set[str]],
-                      registry: CollectorRegistry) -> Experiments:
+                      registry: CollectorRegistry, versions: AdapterVersions | None = None) -> Experiments:
     """The store (persistent with a state folder) and the experiments it holds, with those of the
     serve config applied on top: a configured experiment replaces its stored definition but
     keeps its counters and remembered units."""
     if state_dir is None and not configured:
         log.info("no state folder: experiments created over HTTP last until the server stops")
-    experiments = Experiments(ExperimentStore(state_dir), adapter_names, registry)
+    experiments = Experiments(ExperimentStore(state_dir), adapter_names, registry, versions=versions)
     for name, body in configured.items():
         experiments.put(name, body)
     return experiments

@@ -61,6 +61,7 @@ def summarize(
             "requests": int(shadow.get("requests", 0)),
             "errors": int(shadow.get("errors", 0)),
             "dropped": int(shadow.get("dropped", 0)),
+            "preempted": int(shadow.get("preempted", 0)),  # cancelled to give their row to live requests
             "completion_tokens": int(shadow.get("completion_tokens", 0)),
             "latency_p50_s": quantile(latency_bins.get((SHADOW_ARM, "total"), {}), 0.5),
         }

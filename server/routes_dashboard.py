@@ -1,5 +1,6 @@
 """The operator's dashboard: `GET /dashboard` (a static page shipped in the package) and the
-JSON it polls (`/dashboard/api/state`, `/dashboard/api/runs`).
+JSON it polls (`/dashboard/api/state`, with each experiment's figures for admins, and
+`/dashboard/api/runs`).
 
 The page itself holds no data and is served to anyone; the JSON needs the same API keys as the
 rest of the API. A browser cannot attach a header to a page load, so the page asks for the key,
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from server.deps import AdminDep, GrantDep, StateDep
-from server.dashboard_view import dashboard_state
+from server.dashboard_view import dashboard_state, experiment_summaries
 from server.engine import EngineStats
 from server.http_errors import ApiError
 from server.metrics import ServerMetrics
@@ -36,6 +37,7 @@ log = logging.getLogger("loraplex.server")
 ASSETS = {
     "app.js": "text/javascript",
     "widgets.js": "text/javascript",
+    "experiments.js": "text/javascript",
     "styles.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }
@@ -109,6 +111,7 @@ async def dashboard_api_config(state: StateDep) -> JSONResponse:
 @router.get("/dashboard/api/state")
 async def dashboard_api_state(request: Request, state: StateDep, grant: GrantDep) -> JSONResponse:
     body = dashboard_state(state, grant, request.app.state.traffic_history)
+    body["experiments"] = await run_in_threadpool(experiment_summaries, state, grant)  # SQLite reads: off the loop
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 

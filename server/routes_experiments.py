@@ -9,17 +9,14 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Query
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.experiments import ExperimentError
 from router.request_router import AccessDeniedError
 from server.deps import AdminDep, GrantDep, StateDep
-from server.experiment_runtime import (
-    ExperimentAdapterError,
-    ExperimentConflictError,
-    UnknownExperimentError,
-    UnknownFeedbackRequestError,
-)
+from server.experiment_pins import ExperimentAdapterError, PinnedVersionLimitError
+from server.experiment_runtime import ExperimentConflictError, UnknownExperimentError, UnknownFeedbackRequestError
 from server.http_errors import ApiError
 
 router = APIRouter()
@@ -59,6 +56,8 @@ def _as_http() -> Iterator[None]:
         raise ApiError(404, str(err), type="not_found_error", param="arms", code="adapter_not_found") from None
     except ExperimentConflictError as err:
         raise ApiError(409, str(err), type="conflict_error", param="task", code="experiment_conflict") from None
+    except PinnedVersionLimitError as err:
+        raise ApiError(409, str(err), type="conflict_error", param="arms", code="too_many_pinned_versions") from None
     except UnknownFeedbackRequestError as err:
         raise ApiError(404, str(err), type="not_found_error", param="request_id", code="request_not_found") from None
     except ExperimentError as err:
@@ -71,23 +70,27 @@ async def list_experiments(state: StateDep, admin: AdminDep) -> dict:
     return {"object": "list", "data": [experiments.get(name).to_json() for name in experiments.names()]}
 
 
+# Reading the figures waits for the queued writes to commit: that wait runs in a worker thread,
+# never on the event loop. Definitions change on the loop, in order with the requests it routes.
+
+
 @router.put("/v1/experiments/{name}")
 async def put_experiment(name: str, state: StateDep, admin: AdminDep, body: Any = Body(...)) -> dict:
     with _as_http():
         state.experiments.put(name, body)
-        return state.experiments.summary(name)
+        return await run_in_threadpool(state.experiments.summary, name)
 
 
 @router.get("/v1/experiments/{name}")
 async def get_experiment(name: str, state: StateDep, admin: AdminDep) -> dict:
     with _as_http():
-        return state.experiments.summary(name)
+        return await run_in_threadpool(state.experiments.summary, name)
 
 
 @router.delete("/v1/experiments/{name}")
 async def delete_experiment(name: str, state: StateDep, admin: AdminDep) -> dict:
     with _as_http():
-        summary = state.experiments.summary(name)
+        summary = await run_in_threadpool(state.experiments.summary, name)
         state.experiments.delete(name)
     return {**summary, "deleted": True}
 
@@ -97,7 +100,7 @@ async def experiment_history(name: str, state: StateDep, admin: AdminDep) -> dic
     """The counters as they were over time (one snapshot a minute at most), for the report."""
     with _as_http():
         experiment = state.experiments.get(name)
-    history = state.experiments.store.history(name)
+    history = await run_in_threadpool(state.experiments.store.history, name)
     return {"experiment": experiment.to_json(), "history": [{"at": at, "counters": counters} for at, counters in history]}
 
 
@@ -105,7 +108,7 @@ async def experiment_history(name: str, state: StateDep, admin: AdminDep) -> dic
 async def shadow_outputs(name: str, state: StateDep, admin: AdminDep, limit: int = Query(20, ge=1, le=1000)) -> dict:
     with _as_http():
         state.experiments.get(name)
-    return {"object": "list", "data": state.experiments.store.shadow_outputs(name, limit)}
+    return {"object": "list", "data": await run_in_threadpool(state.experiments.store.shadow_outputs, name, limit)}
 
 
 @router.post("/v1/feedback")

@@ -98,7 +98,8 @@ function renderAdapters(state) {
     const tr = document.createElement("tr");
     tr.dataset.name = a.name;
     tr.appendChild(el("td", a.name, "name"));
-    const version = "v" + a.version + (a.draining_versions.length ? " (draining v" + a.draining_versions.join(", v") + ")" : "");
+    const version = "v" + a.version + (a.draining_versions.length ? " (draining v" + a.draining_versions.join(", v") + ")" : "") +
+      (a.kept_versions.length ? " (kept for experiments: v" + a.kept_versions.join(", v") + ")" : "");
     tr.appendChild(el("td", version, "version"));
     const tierCell = el("td");
     const tierText = a.tier === "slot" ? "slot " + a.slot : a.tier;
@@ -272,6 +273,7 @@ async function refresh() {
     renderTraffic($("traffic-adapters"), state.traffic.adapters);
     renderTraffic($("traffic-tasks"), state.traffic.tasks);
     renderTasks(state);
+    renderExperiments(state);
     document.body.dataset.loaded = String(Date.now());
   } catch (err) {
     if (err.status === 401) {

@@ -83,11 +83,25 @@ def test_shadow_rate_mirrors_about_that_share_of_requests():
         ({"task": "qa", "arms": [{"name": "a", "adapter": "x"}], "unit": "tenant"}, "unit 'tenant'"),
         ({"task": "qa", "arms": [{"name": "a", "adapter": "x"}], "shadow": {"adapter": "s", "rate": 1.5}}, "rate"),
         ({"task": "qa", "arms": [{"name": "a", "adapter": "x"}], "colour": "red"}, "unknown field"),
+        ({"task": "qa", "arms": [{"name": "a", "adapter": "x@latest"}]}, "NAME@VERSION"),
+        ({"task": "qa", "arms": [{"name": "a", "adapter": "x@0"}]}, "NAME@VERSION"),
+        ({"task": "qa", "arms": [{"name": "a", "adapter": "x"}], "shadow": {"adapter": "s@", "rate": 1}}, "NAME@VERSION"),
+        ({"task": "qa", "arms": [{"name": "a", "adapter": 7}]}, "must be a string"),
     ],
 )
 def test_malformed_experiments_are_refused_with_the_reason(body, message):
     with pytest.raises(ExperimentError, match=message):
         experiment_from_json("exp", body)
+
+
+def test_arms_and_shadow_may_pin_versions_and_the_pins_are_listed_once():
+    experiment = experiment_from_json("exp", {
+        "task": "qa", "arms": [{"name": "a", "adapter": "x@1"}, {"name": "b", "adapter": "x"}, {"name": "c", "adapter": "y@2"}],
+        "shadow": {"adapter": "x@1", "rate": 0.5},
+    })
+    assert experiment.adapters == ["x@1", "x", "y@2", "x@1"]
+    assert experiment.pinned_versions == ["x@1", "y@2"]
+    assert experiment.to_json()["arms"][0]["adapter"] == "x@1"  # stored and shown as written
 
 
 def test_start_and_stop_times_bound_when_the_experiment_routes():

@@ -195,6 +195,86 @@ def test_traffic_panel_counts_equal_the_metrics_endpoint(env, browser, artifacts
     screenshot(browser, artifacts, "03-traffic")
 
 
+EXPERIMENT_READ = """
+const block = document.querySelector(arguments[0]);
+if (!block) return null;
+const cells = (row) => Object.fromEntries(Array.from(row.cells).map((td) => [td.className, td.textContent]));
+const rows = (css) => Array.from(block.querySelectorAll(css)).map(cells);
+return {arms: rows("table.arms tbody tr"), comparisons: rows("table.comparisons tbody tr"),
+        srm_p: block.querySelector(".srm-p").textContent, srm_flagged: block.querySelector(".srm-flag").dataset.flagged};
+"""
+
+
+def shown_number(text: str) -> float | None:
+    return None if text == "–" else float(text)
+
+
+def shown_interval(text: str) -> list[float] | None:
+    return None if text == "–" else [float(bound) for bound in text.strip("[]").split(", ")]
+
+
+def panel_matches_api(panel: dict | None, summary: dict) -> bool:
+    """Every figure the panel shows equals the API's, to the four decimals it shows."""
+    if panel is None:
+        return False
+    close = lambda shown, exact: (shown is None and exact is None) or (  # noqa: E731
+        shown is not None and exact is not None and shown == pytest.approx(exact, rel=1e-3, abs=6e-5))
+    arms = [{"name": a["name"], "adapter": a["adapter"], "assignments": str(a["assignments"]),
+             "requests": str(a["requests"]), "errors": str(a["errors"]), "feedback": str(a["feedback_count"])}
+            for a in summary["arms"]]
+    if [{key: row[key] for key in arms[0]} for row in panel["arms"]] != arms:
+        return False
+    if not all(close(shown_number(row["reward-mean"]), a["reward_mean"]) for row, a in zip(panel["arms"], summary["arms"])):
+        return False
+    if [(row["arm"], row["vs"], row["metric"]) for row in panel["comparisons"]] != [
+            (c["arm"], c["vs"], c["metric"]) for c in summary["comparisons"]]:
+        return False
+    for row, comparison in zip(panel["comparisons"], summary["comparisons"]):
+        if not close(shown_number(row["diff"]), comparison["diff"]) or not close(shown_number(row["p-value"]), comparison["p_value"]):
+            return False
+        for column, key in (("ci95", "ci95"), ("always-valid", "always_valid_ci95")):
+            shown, exact = shown_interval(row[column]), comparison[key]
+            if not all(close(s, e) for s, e in zip(shown, exact)):
+                return False
+    return close(shown_number(panel["srm_p"]), summary["srm"]["p_value"]) and \
+        panel["srm_flagged"] == str(summary["srm"]["flagged"]).lower()
+
+
+def test_experiments_panel_shows_the_figures_of_the_experiments_api(env, browser, artifacts):
+    body = {"task": "trial", "control": "a", "arms": [{"name": "a", "adapter": "alpha", "weight": 1.0},
+                                                     {"name": "b", "adapter": "beta", "weight": 1.0}]}
+    sent = {"a": 0, "b": 0}
+    with env.http() as client:
+        assert client.put("/v1/experiments/dash-exp", json=body).status_code == 200
+        for i in range(12):  # 8 users, some twice, and no feedback for the last request: the columns differ
+            response = client.post("/v1/chat/completions", headers={"X-Task-Id": "trial"},
+                                   json={"model": "tiny", "messages": CHAT, "max_tokens": 2, "user": f"u{i % 8}"})
+            assert response.status_code == 200, response.text
+            if i == 11:
+                break
+            arm = response.headers["x-experiment-arm"]
+            sent[arm] += 1
+            reward = i % 3 + (0.7 if arm == "b" else 0.0)
+            posted = client.post("/v1/feedback", json={"request_id": response.headers["x-request-id"], "reward": reward})
+            assert posted.status_code == 200, posted.text
+        assert sent["a"] >= 2 and sent["b"] >= 2  # enough on each side for a comparison with an interval
+
+        def summary() -> dict:
+            return client.get("/v1/experiments/dash-exp").json()
+
+        wait_for(browser, lambda d: sum(arm["requests"] for arm in summary()["arms"]) == 12, "the outcomes were not recorded")
+        expected = summary()
+        (reward,) = expected["comparisons"]
+        assert reward["metric"] == "reward" and reward["ci95"] is not None and reward["always_valid_ci95"] is not None
+        css = '#experiments-list .experiment[data-name="dash-exp"]'
+        wait_for(browser, lambda d: panel_matches_api(d.execute_script(EXPERIMENT_READ, css), expected),
+                 "the experiments panel does not show the API's figures")
+        browser.execute_script("document.getElementById('experiments-panel').scrollIntoView()")
+        screenshot(browser, artifacts, "03-experiments")
+        assert client.delete("/v1/experiments/dash-exp").status_code == 200
+    wait_for(browser, lambda d: d.execute_script(EXPERIMENT_READ, css) is None, "the deleted experiment still shows")
+
+
 def test_unload_from_the_page_removes_the_adapter_from_the_server(env, browser, artifacts):
     filter_adapters(browser, "gamma")
     wait_for(browser, lambda d: row_names(d, "adapters-table") == ["gamma"], "gamma did not show")
@@ -257,6 +337,7 @@ def test_tenant_key_sees_only_its_own_adapter_and_cannot_write(env, browser, art
     assert browser.find_elements(By.CSS_SELECTOR, "#adapters-table button") == []
     assert not browser.find_element(By.ID, "load-form").is_displayed()
     wait_for(browser, lambda d: "admin keys" in text_of(d, "runs-note"), "the runs panel did not say it is for admins")
+    assert "admin keys" in text_of(browser, "experiments-note")
     screenshot(browser, artifacts, "06-tenant-view")
     status = browser.execute_async_script(
         """const done = arguments[arguments.length - 1];
