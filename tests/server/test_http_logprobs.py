@@ -299,3 +299,39 @@ def test_a_failure_of_ours_is_500_and_logged_with_the_request_id(env, monkeypatc
     assert response.status_code == 500 and response.json()["error"]["type"] == "internal_error"
     assert response.headers["x-request-id"] == "req-under-test"
     assert any("req-under-test" in record.getMessage() for record in caplog.records if record.name == "loraplex.server")
+
+
+@pytest.mark.integration
+def test_default_model_echo_and_chat_logprobs_equal_transformers():
+    """The default model (byte-level BPE tokens, tied embeddings) scored in fp32 through the server."""
+    from backbone.default_model import default_model_folder, is_converted
+
+    model_dir = default_model_folder()
+    if not is_converted(model_dir):
+        pytest.skip("the default model is not in the cache; run `loraplex model pull`")
+    reference = load_reference(model_dir)
+    with live_server(ServerSettings(model=str(model_dir), dtype="float32")) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+        tokenizer = server.state.tokenizer
+        ids = tokenizer.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+        reply = client.completions.create(model="", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+        chat = client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=8,
+            temperature=0, logprobs=True, top_logprobs=2,
+        )  # fmt: skip
+        chat_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    with torch.no_grad():
+        full = reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    token_logprobs = reply.choices[0].logprobs.token_logprobs
+    assert token_logprobs[0] is None and len(token_logprobs) == len(ids) + 1
+    expected = [float(full[p - 1, ids[p]]) for p in range(1, len(ids))] + [float(full[-1].max())]
+    assert token_logprobs[1:] == pytest.approx(expected, abs=TOLERANCE)
+    context = list(chat_ids)
+    for entry in chat.choices[0].logprobs.content:  # greedy: each token is the reference's argmax
+        with torch.no_grad():
+            step = reference(torch.tensor([context])).logits[0, -1].float().log_softmax(-1)
+        token = int(step.argmax())
+        assert entry.token == tokenizer.decode([token], skip_special_tokens=False)
+        assert math.isclose(entry.logprob, float(step[token]), abs_tol=TOLERANCE)
+        context.append(token)
+    assert "Paris" in chat.choices[0].message.content
