@@ -90,6 +90,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
+    echo: Any = None  # vLLM's chat extension (echo the last message): refused unless off
 
     @property
     def requested_max_tokens(self) -> int | None:

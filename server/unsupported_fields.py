@@ -49,6 +49,11 @@ def refuse_unsupported(body: SamplingFields) -> None:
             400, f"best_of={_shown(body.best_of)} is not supported; leave it out and ask for n choices instead",
             param="best_of", code="unsupported_parameter",
         )  # fmt: skip
+    if isinstance(body, ChatCompletionRequest) and not _off(body.echo, False):
+        raise ApiError(
+            400, "echo is not supported on chat; prepend the last message yourself, or use /v1/completions with echo",
+            param="echo", code="unsupported_parameter",
+        )  # fmt: skip
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true; send both", param="top_logprobs")
     if isinstance(body, CompletionRequest) and body.top_logprobs is not None:

@@ -270,6 +270,7 @@ def test_chat_stream_logprobs_equal_the_non_streamed_ones(env):
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"n": 17}, "n"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
 ])
 def test_unsupported_or_out_of_bounds_fields_are_400_naming_the_field(env, path, extra, param):
     body = {"model": BASE, "max_tokens": 2, **({"messages": CHAT} if "chat" in path else {"prompt": "hi"}), **extra}
