@@ -131,6 +131,39 @@ def test_logprobs_are_of_the_model_distribution_not_the_tempered_one(env):
         context.append(token)
 
 
+def test_rows_batched_together_each_get_their_own_logprobs(env):
+    """Scoring and generating rows, base and adapter, in one running batch: each row's logprobs
+    equal its own full forward."""
+    from backbone.sampling import SamplingParams
+    from server.request_handle import GenerationRequest
+
+    engine = env.server.state.engine
+    prompts = [prompt_ids(env, text) for text in ("Rocks and reefs below", "Lighthouse", "Anchors aweigh, the crew")]
+    jobs = [(prompts[0], "alpha", SamplingParams(max_tokens=4, logprobs=1, prompt_logprobs=1)),
+            (prompts[1], None, SamplingParams(max_tokens=6, logprobs=3)),
+            (prompts[2], "alpha", SamplingParams(max_tokens=0, prompt_logprobs=0)),
+            (prompts[1], "alpha", SamplingParams(max_tokens=5))]  # fmt: skip
+    handles = [engine.submit(GenerationRequest(ids, params, adapter)) for ids, adapter, params in jobs]
+    for handle, (ids, adapter, params) in zip(handles, jobs):
+        finished = handle.result(timeout=60)
+        full = env.reference_logprobs(ids + finished.token_ids, adapter)
+        if params.prompt_logprobs is not None:
+            assert finished.prompt_logprobs[0] is None and len(finished.prompt_logprobs) == len(ids)
+            for position, entry in enumerate(finished.prompt_logprobs[1:], start=1):
+                assert entry.token_id == ids[position]
+                assert math.isclose(entry.logprob, float(full[position - 1, ids[position]]), abs_tol=TOLERANCE)
+        else:
+            assert finished.prompt_logprobs == []
+        if params.logprobs is None:
+            assert finished.logprobs == []
+            continue
+        assert [entry.token_id for entry in finished.logprobs][: len(finished.token_ids)] == finished.token_ids
+        for offset, entry in enumerate(finished.logprobs):
+            row = full[len(ids) + offset - 1]
+            assert math.isclose(entry.logprob, float(row[entry.token_id]), abs_tol=TOLERANCE)
+            assert [token for token, _ in entry.top] == row.topk(params.logprobs).indices.tolist()
+
+
 # ---- echo: the prompt's logprobs -----------------------------------------------------------
 
 
