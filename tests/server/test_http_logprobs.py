@@ -369,3 +369,13 @@ def test_default_model_echo_and_chat_logprobs_equal_transformers():
         assert math.isclose(entry.logprob, float(step[token]), abs_tol=TOLERANCE)
         context.append(token)
     assert "Paris" in chat.choices[0].message.content
+
+
+def test_max_choices_is_a_serve_flag_and_a_config_key(tmp_path):
+    from server.cli import build_parser
+    from server.serve_command import settings_from_args
+
+    assert settings_from_args(build_parser().parse_args(["serve", "--max-choices", "4"])).max_choices == 4
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_choices: 3\n")
+    assert settings_from_args(build_parser().parse_args(["serve", "--config", str(config)])).max_choices == 3
