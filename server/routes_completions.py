@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from uuid import uuid4
 
 from fastapi import APIRouter, Request
@@ -190,15 +191,17 @@ def _capped_max_tokens(prompt_tokens: int, requested: int | None, max_context: i
 def _submit_all(
     state: ServerState, requests: list[GenerationRequest], decision: RouteDecision, request_id: str, arrival: float
 ) -> list[RequestHandle]:
-    """Submit every choice, or none: a refusal part-way cancels those already queued."""
+    """Submit every choice, or none: a refusal part-way cancels those already queued. All choices
+    get the same adapter version, even while a hot swap publishes a new one."""
     handles: list[RequestHandle] = []
     try:
-        for index, live in enumerate(requests):
-            if index == 0 and decision.experiment is not None:
-                # The experiment records the request once (and may mirror it to its shadow adapter).
-                handles.append(state.experiments.submit(state.engine, live, decision, request_id, arrival))
-            else:
-                handles.append(state.engine.submit(live))
+        with state.engine.same_versions() if len(requests) > 1 else nullcontext():
+            for index, live in enumerate(requests):
+                if index == 0 and decision.experiment is not None:
+                    # The experiment records the request once (and may mirror it to its shadow adapter).
+                    handles.append(state.experiments.submit(state.engine, live, decision, request_id, arrival))
+                else:
+                    handles.append(state.engine.submit(live))
     except BaseException:
         for handle in handles:
             handle.cancel()
