@@ -8,7 +8,6 @@ batch rows and cache at once."""
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import nullcontext
 from uuid import uuid4
@@ -42,7 +41,6 @@ from server.state import ServerState
 from server.unsupported_fields import refuse_unsupported
 
 router = APIRouter()
-log = logging.getLogger("loraplex.server")
 
 SEED_MODULUS = 2**64  # choice i of a seeded request draws from seed + i, wrapped into the seed range
 
