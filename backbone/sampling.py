@@ -18,6 +18,8 @@ _MAX_SEED = 2**64 - 1
 # Below this, logits / temperature overflows fp32 (1e-300 rounds to 0 and divides by zero), and
 # the distribution is the argmax anyway: such temperatures are greedy.
 GREEDY_TEMPERATURE = 1e-5
+# Most alternatives a request may ask for per token (vLLM's default max_logprobs, OpenAI's top_logprobs).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -28,10 +30,21 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     seed: int | None = None  # a seeded request is reproducible whatever else shares its batch
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before the first match
+    # Log-probabilities of the model's own distribution (fp32 log_softmax of the raw logits, before
+    # temperature, top-k and top-p), as vLLM returns them. None = not computed; N = the chosen
+    # token's plus the N most likely tokens'.
+    logprobs: int | None = None  # for each generated token
+    prompt_logprobs: int | None = None  # for each prompt token after the first (which has none)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        # Scoring a prompt (its logprobs) needs no new token; a generation needs at least one.
+        least = 0 if self.prompt_logprobs is not None else 1
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            raise ValueError(f"max_tokens must be an integer >= {least}, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:

@@ -191,7 +191,7 @@ class RequestContextMiddleware:
             if status_sent:
                 log.exception("request %s failed after its response started", request_id)
             else:
-                await to_response(err)(scope, receive, send_with_id)
+                await to_response(err, request_id)(scope, receive, send_with_id)
         finally:
             if status >= 400:
                 adapter = scope["state"].get("adapter_label", UNROUTED)

@@ -17,6 +17,8 @@ from adapters.routing import AdapterRouting
 from backbone.model import CausalLM
 from backbone.sampling import sample_next_tokens
 from server.batch_state import CachePool, Row
+from server.logprobs import TokenLogprob, prompt_logprobs_of_chunk, token_logprobs
+from server.prefill_logits import prefill_logits
 from server.prefix_kv import PrefixCache
 from server.request_handle import Finished, TextDelta
 from server.slot_copies import SlotCopier, host_to_device
@@ -64,9 +66,9 @@ class BatchRunner:
             return  # released already: a failure after that must not release it twice
         if reason in ("stop", "length"):
             tail = row.stream.finish()
-            if tail or row.unsent_ids:
-                row.handle.push(TextDelta(tail, row.unsent_ids))
-        row.unsent_ids = []
+            if tail or row.unsent_ids or row.unsent_logprobs:
+                row.handle.push(TextDelta(tail, row.unsent_ids, row.unsent_logprobs))
+        row.unsent_ids, row.unsent_logprobs = [], []
         finished = Finished(
             finish_reason=reason,
             text=row.stream.text,
@@ -76,6 +78,8 @@ class BatchRunner:
             error=error,
             first_token_time=row.first_token_time,
             end_time=time.monotonic(),
+            logprobs=list(row.logprobs),
+            prompt_logprobs=list(row.prompt_logprobs),
         )
         row.ended = True
         self._on_finish(row, finished)
@@ -90,7 +94,9 @@ class BatchRunner:
             if budget == 0:
                 break
             if row.prefilling:
-                if self.prefix_cache is not None and row.prefix_keys is None and not self.prefix_cache.attach(row):
+                # A row that scores its prompt computes every position: cached blocks carry no logits.
+                attachable = self.prefix_cache is not None and row.prefix_keys is None and not row.scores_prompt
+                if attachable and not self.prefix_cache.attach(row):
                     continue  # another row is computing this row's prefix now: reuse it next step
                 count = min(len(row.prompt) - row.prefilled, budget)
                 chunks.append((row, row.prefilled, count))
@@ -105,23 +111,36 @@ class BatchRunner:
         positions = starts[:, None] + torch.arange(width)[None, :]  # (B, width)
         span = int(positions.max()) + 1  # on the host: no device sync
         self.pool.ensure_positions(span)
-        logits = self.model(
+        logits, scored = prefill_logits(
+            self.model,
             host_to_device(input_ids, self._device),
             positions=host_to_device(positions, self._device),
             cache=self.pool.cache,
             cache_rows=self._tensor([row.cache_row for row, _, _ in chunks]),
             routing=self._routing([row.slot for row, _, _ in chunks]),
-            logits_for="last",
             last_index=self._tensor([count - 1 for _, _, count in chunks]),
             key_span=span,
-        )[:, 0]  # (B, V)
+            scored={index: count for index, (row, _, count) in enumerate(chunks) if row.scores_prompt},
+        )  # (B, V) at each row's last token; every position of the scoring rows
         done = []
         for index, (row, start, count) in enumerate(chunks):
+            if index in scored:
+                if start == 0:
+                    row.prompt_logprobs = [None]  # nothing predicts the first token
+                row.prompt_logprobs += prompt_logprobs_of_chunk(scored[index], row.prompt, start, row.params.prompt_logprobs)
             row.prefilled = start + count
             if not row.prefilling:
                 done.append(index)
                 if self.prefix_cache is not None:
                     self.prefix_cache.store(row)
+        scored_only = [i for i in done if chunks[i][0].params.max_tokens == 0]
+        for index in scored_only:  # a prompt scored without generating: done once its logprobs are in
+            self.finish(chunks[index][0], "length")
+        done = [i for i in done if i not in scored_only]
+        for index in done:
+            row = chunks[index][0]
+            if row.scores_prompt:
+                row.handle.push(TextDelta("", [], prompt_logprobs=list(row.prompt_logprobs)))
         if done:
             # Rows whose whole prompt is in now get their first token from this call's logits.
             self._sample_and_accept([chunks[i][0] for i in done], logits[done])
@@ -151,14 +170,25 @@ class BatchRunner:
         except Exception:  # one row's parameters broke the batched draw: find it row by row
             log.exception("batched sampling failed; sampling row by row")
             tokens = [self._sample_one(row, logits[index : index + 1]) for index, row in enumerate(rows)]
-        for row, token in zip(rows, tokens):  # the step's one device sync
+        entries = self._logprobs(rows, logits, tokens)
+        for row, token, entry in zip(rows, tokens, entries):  # the step's one device sync
             if token is None:
                 continue
             try:
-                self._accept(row, token)
+                self._accept(row, token, entry)
             except Exception:  # a stop string or detokenization failure ends this row only
                 log.exception("request %s failed while accepting a token", row.handle.request_id)
                 self._fail(row)
+
+    def _logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: list[int | None]) -> list[TokenLogprob | None]:
+        """The chosen tokens' logprobs for the rows that asked, from the logits they were sampled from."""
+        asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None and tokens[i] is not None]
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        if asking:
+            computed = token_logprobs(logits[asking], [tokens[i] for i in asking], [rows[i].params.logprobs for i in asking])
+            for index, entry in zip(asking, computed):
+                entries[index] = entry
+        return entries
 
     def _sample_one(self, row: Row, logits: torch.Tensor) -> int | None:
         try:
@@ -176,8 +206,11 @@ class BatchRunner:
             if not row.handle.done:
                 row.handle.push(Finished("error", "", [], len(row.prompt), len(row.generated), error=ROW_FAILED))
 
-    def _accept(self, row: Row, token: int) -> None:
+    def _accept(self, row: Row, token: int, entry: TokenLogprob | None = None) -> None:
         row.mark_first_token()
+        if entry is not None:
+            row.logprobs.append(entry)
+            row.unsent_logprobs.append(entry)
         if token in self.stop_token_ids:
             self.finish(row, "stop")
             return
@@ -188,8 +221,8 @@ class BatchRunner:
             self.finish(row, "stop")
             return
         if text:
-            row.handle.push(TextDelta(text, row.unsent_ids))
-            row.unsent_ids = []
+            row.handle.push(TextDelta(text, row.unsent_ids, row.unsent_logprobs))
+            row.unsent_ids, row.unsent_logprobs = [], []
         if len(row.generated) >= row.params.max_tokens:
             self.finish(row, "length")
 

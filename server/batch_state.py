@@ -17,6 +17,7 @@ from backbone.config import ModelConfig
 from backbone.kv_cache import KVCache
 from backbone.sampling import SamplingParams
 from router.adapter_registry import AdapterInfo
+from server.logprobs import TokenLogprob
 from server.request_handle import GenerationRequest, RequestHandle
 from server.text_stream import TextStream
 
@@ -33,6 +34,9 @@ class Row:
     prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text has not been sent yet
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs: one per generated token
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # those of unsent_ids (and a final stop token)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.prompt_logprobs
     first_token_time: float | None = None
     ended: bool = False  # finish() has begun for this row
     prefix_keys: list[bytes] | None = None  # prefix-cache blocks this row holds; None = not looked up yet
@@ -44,6 +48,11 @@ class Row:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt_ids
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Wants the logprobs of its prompt tokens, so every prompt position must be computed."""
+        return self.request.params.prompt_logprobs is not None
 
     @property
     def prefilling(self) -> bool:

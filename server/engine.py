@@ -12,6 +12,8 @@ import logging
 import statistics
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +274,13 @@ class Engine:
             self._dirty = True
             self._wakeup.notify_all()
         return handle
+
+    @contextmanager
+    def same_versions(self) -> Iterator[None]:
+        """Requests submitted inside this block get the same version of an adapter: a hot swap
+        publishes under the same lock, so it waits until the block ends (a few submits)."""
+        with self._lock:
+            yield
 
     def stats(self) -> EngineStats:
         tiers = self.tiers

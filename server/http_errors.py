@@ -110,8 +110,12 @@ def _code_of(err: BaseException) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def to_response(err: BaseException) -> JSONResponse:
+def to_response(err: BaseException, request_id: str | None = None) -> JSONResponse:
+    """The error's response. Every 5xx but a refusal to serve (503) is our own fault, so it is
+    logged with the request's id, which the client sees in `X-Request-Id`."""
     if isinstance(err, ApiError):
+        if err.status >= 500 and err.status != 503:
+            log.error("request %s failed with %d: %s", request_id, err.status, err.message)
         return JSONResponse(
             error_body(err.message, err.type, err.param, err.code), status_code=err.status, headers=err.headers
         )
@@ -121,8 +125,10 @@ def to_response(err: BaseException) -> JSONResponse:
             if status == 401:
                 headers["WWW-Authenticate"] = "Bearer"
             code = "context_length_exceeded" if isinstance(err, PromptTooLongError) else _code_of(err)
+            if status >= 500 and status != 503:
+                log.error("request %s failed with %d: %s", request_id, status, err)
             return JSONResponse(error_body(str(err), kind, None, code), status_code=status, headers=headers)
-    log.exception("unexpected error while serving a request", exc_info=err)
+    log.error("unexpected error while serving request %s", request_id, exc_info=err)
     return JSONResponse(
         error_body(f"internal error ({type(err).__name__}); the server logged the details", "internal_error"),
         status_code=500,
@@ -150,7 +156,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def _domain(request: Request, err: Exception) -> JSONResponse:
-        return to_response(err)
+        return to_response(err, getattr(request.state, "request_id", None))
 
     # Registered per class so they are handled responses, not crashes re-raised to the server;
     # anything else is answered by the app's outermost middleware (see server.app).

@@ -15,6 +15,7 @@ from uuid import uuid4
 
 from backbone.sampling import SamplingParams
 from router.adapter_registry import AdapterInfo
+from server.logprobs import TokenLogprob
 
 
 @dataclass
@@ -31,6 +32,12 @@ class GenerationRequest:
 class TextDelta:
     text: str
     token_ids: list[int]  # the tokens behind `text` (text may lag tokens by a partial character)
+    # With params.logprobs: one per token id, then one for the stop token that ended the generation
+    # (it has no text and is not counted as a completion token, but a scorer needs its logprob).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # For a request that scores its prompt: an empty delta carrying them comes once the prompt is
+    # in, before any token, so a stream can echo the prompt with its logprobs first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -43,6 +50,8 @@ class Finished:
     error: str | None = None
     first_token_time: float | None = None  # time.monotonic() of the first generated token
     end_time: float | None = None  # time.monotonic() at finish
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # as TextDelta's, for the whole completion
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # the first prompt token's is None
 
 
 Event = TextDelta | Finished

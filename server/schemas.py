@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from backbone.sampling import MAX_LOGPROBS
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -25,12 +27,31 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=128)  # OpenAI's bound; the server's max_choices may be lower
     user: str | None = None
     # Bounded as OpenAI bounds them; sampling here has no penalties, so a non-zero one is refused.
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Chat: alternatives per token, with logprobs=true (as OpenAI). Completions ask with logprobs=N.
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # Fields of OpenAI's or vLLM's API this server does not implement. They are read only so that a
+    # request setting one is refused by name (server/unsupported_fields.py) instead of served
+    # as if the field were absent.
+    logit_bias: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    min_tokens: Any = None
+    repetition_penalty: Any = None
+    min_p: Any = None
+    stop_token_ids: Any = None
+    ignore_eos: Any = None
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -69,6 +90,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
+    echo: Any = None  # vLLM's chat extension (echo the last message): refused unless off
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -76,10 +98,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    # One prompt (text or token ids) or a batch of them; each prompt gets `n` choices.
+    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] | list[list[Annotated[int, Field(ge=0)]]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # the chosen token's and this many alternatives
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
+    echo: bool = False  # the prompt is returned before the completion (with its logprobs, if asked)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -97,10 +120,36 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token text's UTF-8 bytes
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat shape: one entry per completion token."""
+
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape, parallel lists over the (echoed prompt and) completion
+    tokens; the first prompt token has no logprob (null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -127,7 +176,7 @@ class ChunkDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -143,7 +192,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

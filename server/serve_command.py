@@ -45,7 +45,8 @@ SERVER_KEYS = (
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
 )
 # Multi-tenant safety settings (server.edge_auth, server.edge_server, server.fair_queue).
-SAFETY_KEYS = ("metrics_public", "limit_concurrency", "header_timeout", "keep_alive_timeout", "raw_special_tokens")
+SAFETY_KEYS = ("metrics_public", "limit_concurrency", "header_timeout", "keep_alive_timeout", "raw_special_tokens",
+               "max_choices")
 TENANT_KEYS = ("tenant_max_running", "tenant_max_queued")
 KNOWN_KEYS = {
     *ENGINE_KEYS, *SERVER_KEYS, *SAFETY_KEYS, *TENANT_KEYS,
@@ -112,6 +113,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     safety.add_argument("--limit-concurrency", type=int, help="connections/requests before 503 (default: running + queued + 64)")
     safety.add_argument("--header-timeout", type=float, help="seconds for request headers to arrive (default 10)")
     safety.add_argument("--keep-alive-timeout", type=float, help="seconds an idle connection stays open (default 5)")
+    safety.add_argument("--max-choices", type=int,
+                        help="most choices one request may ask for (n times its prompts); each is a running row (default 16)")
     safety.add_argument("--raw-special-tokens", action="store_true", default=None,
                         help="let special-token text in chat messages become control tokens (default: plain text)")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,

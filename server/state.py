@@ -39,6 +39,7 @@ class ServerSettings:
     limit_concurrency: int | None = None  # open connections / requests before 503; None = max_running + max_queued + 64
     header_timeout: float = 10.0  # seconds for a request's headers to arrive whole, else the connection closes
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_choices: int = 16  # n x prompts per request at most: each choice is its own row in the batch
     raw_special_tokens: bool = False  # special-token text in chat content becomes control tokens (unsafe)
     host: str = "127.0.0.1"
     port: int = 8000

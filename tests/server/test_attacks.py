@@ -266,7 +266,7 @@ def test_out_of_bounds_parameters_are_400_naming_the_field(env, field, value):
     assert (error["param"] or "").startswith(field) or field in error["message"], error
 
 
-@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("logprobs", 2)])
+@pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("logit_bias", {"5": 1.0}), ("best_of", 3)])
 def test_parameters_in_bounds_but_not_implemented_are_refused(env, field, value):
     error = error_of(call(env[0], TENANT_A, body={"model": "tiny", "prompt": "hi", field: value}), 400)
     assert "not supported" in error["message"] and error["param"] == field

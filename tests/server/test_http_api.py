@@ -283,7 +283,8 @@ def test_adapter_paths_confined_to_roots(env):
 
 def test_request_errors_use_openai_body(env):
     with env.http() as http:
-        assert error_of(http.post("/v1/chat/completions", json={"model": BASE, "messages": CHAT, "n": 2}))["param"] == "n"
+        too_many = {"model": BASE, "messages": CHAT, "n": env.server.state.settings.max_choices + 1}
+        assert error_of(http.post("/v1/chat/completions", json=too_many))["param"] == "n"
         malformed = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert malformed.status_code == 400 and error_of(malformed)["type"] == "invalid_request_error"
         missing = http.post("/v1/chat/completions", json={"model": BASE})

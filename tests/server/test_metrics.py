@@ -69,7 +69,7 @@ def test_metrics_count_the_traffic_sent(tmp_path):
         assert streamed.status_code == 200
         completion_tokens["alpha"] += json.loads(streamed.text.split("\n\n")[-3][len("data: "):])["usage"]["completion_tokens"]
         assert http.post("/v1/completions", json={"model": "ghost", "prompt": "x"}).status_code == 404
-        assert http.post("/v1/completions", json={"model": "beta", "prompt": "x", "n": 3}).status_code == 400
+        assert http.post("/v1/completions", json={"model": "beta", "prompt": "x", "logit_bias": {"1": 5}}).status_code == 400
         response = http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     found = samples(response.text)
