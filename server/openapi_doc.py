@@ -1,0 +1,44 @@
+"""The OpenAPI document (`/openapi.json`) as the server really answers: FastAPI documents a 422
+`HTTPValidationError` for bad input, but server.http_errors answers every error, validation
+included, with a 4xx (or 5xx) in OpenAI's error body. SDK generators and schema fuzzers read this
+document, so it must say so."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from server.schemas import ErrorResponse
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_error_bodies(
+                get_openapi(title=app.title, version=app.version, routes=app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _with_error_bodies(document: dict[str, Any]) -> dict[str, Any]:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["ErrorResponse"] = error_schema
+    error = {"description": 'An error in OpenAI\'s shape: {"error": {"message", "type", "param", "code"}}',
+             "content": {"application/json": {"schema": _ERROR_REF}}}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["4XX"] = error
+            responses["5XX"] = error
+    return document
