@@ -1,7 +1,8 @@
 """The OpenAPI document (`/openapi.json`) as the server really answers: FastAPI documents a 422
 `HTTPValidationError` for bad input, but server.http_errors answers every error, validation
-included, with a 4xx (or 5xx) in OpenAI's error body. SDK generators and schema fuzzers read this
-document, so it must say so."""
+included, with a 4xx (or 5xx) in OpenAI's error body; and the generation endpoints read routing
+headers that no parameter declares. SDK generators and schema fuzzers read this document, so it
+must say both."""
 
 from __future__ import annotations
 
@@ -13,12 +14,20 @@ from fastapi.openapi.utils import get_openapi
 from server.schemas import ErrorResponse
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+# Headers the generation handlers read from the request itself (not declared as parameters).
+_ROUTING_HEADERS = [
+    {"name": "X-Task-Id", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "the task whose adapter serves the request (the task table), in place of `model`"},
+    {"name": "X-User-Id", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "the sticky unit of A/B experiments when the body has no `user`"},
+]
+_GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _with_error_bodies(
+            app.openapi_schema = _as_served(
                 get_openapi(title=app.title, version=app.version, routes=app.routes)
             )
         return app.openapi_schema
@@ -26,7 +35,7 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def _with_error_bodies(document: dict[str, Any]) -> dict[str, Any]:
+def _as_served(document: dict[str, Any]) -> dict[str, Any]:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
@@ -35,8 +44,10 @@ def _with_error_bodies(document: dict[str, Any]) -> dict[str, Any]:
     schemas["ErrorResponse"] = error_schema
     error = {"description": 'An error in OpenAI\'s shape: {"error": {"message", "type", "param", "code"}}',
              "content": {"application/json": {"schema": _ERROR_REF}}}
-    for operations in document.get("paths", {}).values():
+    for path, operations in document.get("paths", {}).items():
         for operation in operations.values():
+            if path in _GENERATION_PATHS:
+                operation.setdefault("parameters", []).extend(_ROUTING_HEADERS)
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
             responses["4XX"] = error
