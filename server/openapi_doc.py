@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from server.schemas import ErrorResponse
 
@@ -25,11 +24,11 @@ _GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def install_openapi(app: FastAPI) -> None:
+    generate = app.openapi  # FastAPI's own, which caches its document on app.openapi_schema
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _as_served(
-                get_openapi(title=app.title, version=app.version, routes=app.routes)
-            )
+            _as_served(generate())  # amended in place, once
         return app.openapi_schema
 
     app.openapi = openapi
