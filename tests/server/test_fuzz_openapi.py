@@ -30,7 +30,7 @@ from test_http_harness import LiveServer, live_server, make_adapters, make_model
 EXAMPLES = int(os.environ.get("LORAPLEX_FUZZ_EXAMPLES", "100"))
 BASE = "tiny"
 # A short context keeps each fuzzed generation short (max_tokens is capped to what it leaves).
-MAX_CONTEXT = 48
+MAX_CONTEXT = 24
 REFERENCE = {"model": "alpha", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
