@@ -34,12 +34,9 @@ MAX_CONTEXT = 24
 REFERENCE = {"model": "alpha", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
-# Operations as the app declares them, read without starting it (no model is loaded).
-OPERATIONS = [
-    (method.upper(), path)
-    for path, methods in create_app(ServerSettings()).openapi()["paths"].items()
-    for method in methods
-]
+# The document as the app declares it, read without starting it (no model is loaded).
+DOCUMENT = create_app(ServerSettings()).openapi()
+OPERATIONS = [(method.upper(), path) for path, methods in DOCUMENT["paths"].items() for method in methods]
 
 
 @dataclass
@@ -71,6 +68,20 @@ def target(tmp_path_factory) -> FuzzTarget:
         assert reference.status_code == 200, reference.text
         schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
         yield FuzzTarget(server, schema, reference.json()["choices"][0]["text"])
+
+
+def test_document_types_every_body_and_gives_errors_as_served():
+    for path, methods in DOCUMENT["paths"].items():
+        for method, operation in methods.items():
+            where = f"{method.upper()} {path}"
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body is not None:  # a fuzzer can only explore a body whose shape is written down
+                assert "$ref" in body or body.get("properties"), f"{where}: untyped request body {body}"
+            responses = operation["responses"]
+            assert "422" not in responses, where  # validation errors are answered 400, in OpenAI's body
+            assert responses["4XX"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    headers = [p["name"] for p in DOCUMENT["paths"]["/v1/completions"]["post"]["parameters"] if p["in"] == "header"]
+    assert "X-Task-Id" in headers
 
 
 def _problem(response: requests.Response) -> str | None:
