@@ -10,7 +10,7 @@ against the answer of the variant its version was loaded from. An answer equal t
 variant's is counted as a wrong version; one equal to no variant's, as a mismatch.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--model default|PATH] [--adapters 3] [--variants 3]
-        [--swap-every 3] [--clients 4] [--max-tokens 12] [--out soak.json]
+        [--swap-every 3] [--clients 4] [--max-tokens 8] [--out soak.json]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from backbone.config import ModelConfig  # noqa: E402
 from backbone.model_source import resolve_model  # noqa: E402
 from gateway import start_replica, wait_ready  # noqa: E402
 
-PROMPTS = ["The capital of France is", "Write a haiku about rain.", "List three prime numbers:"]
+PROMPTS = ["The capital of France is", "List three prime numbers:"]
 WARMUP_FRACTION = 0.2  # RSS slope is fitted after this share of the run
 
 
@@ -166,6 +167,10 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         replica.terminate()
         replica.process.wait(120)
+        if replica.process.returncode == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # keep the server's log for a look
+            print(f"the server exited with {replica.process.returncode}; its log: {replica.log_path}", file=sys.stderr)
 
 
 def drive(args, soak: Soak, pid: int, names: list[str], current: dict[str, int], variants: list[Path],
@@ -279,7 +284,7 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=3, help="distinct weight sets the versions cycle through")
     parser.add_argument("--swap-every", type=float, default=3.0, help="seconds between hot swaps")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client loops")
-    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     report = run(args)
