@@ -261,15 +261,18 @@ def test_sigterm_lets_a_running_stream_finish_then_exits(setup):
             process.wait()
 
 
-
 class _OutputReader:
     """The process's output, collected line by line on a thread so the test can look at it while
     the process runs."""
 
     def __init__(self, process: subprocess.Popen) -> None:
         self.lines: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        self.thread = threading.Thread(target=self._read, args=(process,), daemon=True)
         self.thread.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.lines.append(line)
 
     def text(self) -> str:
         return "".join(self.lines)
