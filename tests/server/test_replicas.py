@@ -223,7 +223,7 @@ def test_sigterm_lets_a_running_stream_finish_then_exits(setup):
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny",
-         "--port", str(port), "--drain-timeout", "60"],
+         "--port", str(port), "--drain-timeout", "600"],  # the stream must finish however loaded the machine
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     output = _OutputReader(process)
