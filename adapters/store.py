@@ -23,6 +23,7 @@ from backbone.atomic_folder import fsync_dir
 
 LATEST_FILE = "LATEST"
 TEMP_PREFIX = ".tmp-"
+LATEST_TEMP_PREFIX = f".{LATEST_FILE}."  # `.LATEST.<pid>-<random>`, renamed over LATEST once written
 # Names become folder names (and model names in requests): no separators, no leading dot.
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
@@ -108,16 +109,18 @@ class AdapterStore:
         return version
 
     def clean(self) -> list[Path]:
-        """Remove temporary folders whose writing process has ended; returns what was removed."""
+        """Remove temporary folders and LATEST pointer files whose writing process has ended;
+        returns what was removed."""
         removed = []
         for entry in self.root.iterdir():
-            if not entry.name.startswith(TEMP_PREFIX):
-                continue
-            pid = entry.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and _process_alive(int(pid)):
-                continue  # a writer still at work
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+            if entry.name.startswith(TEMP_PREFIX) and not _writer_alive(entry.name[len(TEMP_PREFIX) :]):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            elif entry.is_dir() and not entry.name.startswith("."):
+                for pointer in entry.glob(f"{LATEST_TEMP_PREFIX}*"):
+                    if not _writer_alive(pointer.name[len(LATEST_TEMP_PREFIX) :]):
+                        pointer.unlink(missing_ok=True)
+                        removed.append(pointer)
         return removed
 
     def _next_version(self, name: str) -> str:
@@ -126,7 +129,7 @@ class AdapterStore:
 
     def _set_latest(self, name: str, version: str) -> None:
         pointer = self.root / name / LATEST_FILE
-        temporary = pointer.with_name(f".{LATEST_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        temporary = pointer.with_name(f"{LATEST_TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         with open(temporary, "w") as handle:
             handle.write(version + "\n")
             handle.flush()
@@ -155,6 +158,12 @@ def _checked(value: str, what: str) -> str:
 def _version_order(version: str) -> tuple[int, int, str]:
     match = _AUTO_VERSION.match(version)
     return (0, int(match.group(1)), "") if match else (1, 0, version)
+
+
+def _writer_alive(suffix: str) -> bool:
+    """For a temporary name's `<pid>-<random>` suffix: is that writer still running?"""
+    pid = suffix.split("-", 1)[0]
+    return pid.isdigit() and _process_alive(int(pid))
 
 
 def _process_alive(pid: int) -> bool:

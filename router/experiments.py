@@ -116,8 +116,9 @@ def experiment_from_json(name: str, body: object) -> Experiment:
     names = [arm.name for arm in arms]
     if len(set(names)) != len(names):
         raise ExperimentError(f"arm names must be unique, got {names}")
-    if not sum(arm.weight for arm in arms) > 0:
-        raise ExperimentError(f"arm weights {[arm.weight for arm in arms]} must sum to a positive number")
+    total = sum(arm.weight for arm in arms)
+    if not (total > 0 and math.isfinite(total)):  # an infinite sum (1e308 + 1e308) leaves no shares to split
+        raise ExperimentError(f"arm weights {[arm.weight for arm in arms]} must sum to a positive number, and a finite one")
     control = body.get("control", names[0])
     if control not in names:
         raise ExperimentError(f"control {control!r} is not one of the arms {names}")

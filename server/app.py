@@ -34,6 +34,7 @@ from server.experiment_runtime import build_experiments
 from server.fair_queue import limit_table
 from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
+from server.openapi_doc import install_openapi
 from server.routes_adapters import router as adapters_router
 from server.routes_dashboard import install_dashboard
 from server.routes_completions import router as completions_router
@@ -79,6 +80,7 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
     app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     install_error_handlers(app)
+    install_openapi(app)
     for router in (completions_router, adapters_router, tasks_router, health_router, experiments_router):
         app.include_router(router)
     if settings.dashboard:

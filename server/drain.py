@@ -7,13 +7,14 @@ On SIGTERM (or Ctrl-C) the replica
    `service_unavailable`/`draining` and `Retry-After`, which a gateway may retry elsewhere: the
    request was not started, so the retry cannot duplicate work;
 4. lets the requests already running finish (streams included), up to `--drain-timeout` seconds;
-5. then shuts the engine down and exits.
+5. then shuts the engine down and exits with status 0.
 A second signal exits at once (uvicorn's behaviour).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from types import FrameType
@@ -86,3 +87,9 @@ class DrainingServer(uvicorn.Server):
                 self.config.timeout_graceful_shutdown,
             )
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # A drained SIGTERM is a replica's normal end: exit 0 instead of uvicorn's re-raising
+            # of the signal after shutdown (which makes the exit status "killed by SIGTERM").
+            captured = getattr(self, "_captured_signals", [])
+            if sig in captured:
+                captured.remove(sig)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Query
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from router.experiments import ExperimentError
+from router.experiments import STATUSES, UNIT_KINDS, ExperimentError
 from router.request_router import AccessDeniedError
 from server.deps import AdminDep, GrantDep, StateDep
 from server.experiment_pins import ExperimentAdapterError, PinnedVersionLimitError
@@ -70,11 +70,53 @@ async def list_experiments(state: StateDep, admin: AdminDep) -> dict:
     return {"object": "list", "data": [experiments.get(name).to_json() for name in experiments.names()]}
 
 
+_NAME = {"type": "string", "minLength": 1, "maxLength": 128}
+_TIME = {"anyOf": [{"type": "number", "minimum": 0}, {"type": "null"}], "description": "unix seconds"}
+# The body is validated by router.experiments.experiment_from_json (its errors name the field and
+# the fix); this schema documents the same shape in /openapi.json for clients and fuzzers.
+EXPERIMENT_BODY_SCHEMA = {
+    "type": "object",
+    "required": ["task", "arms"],
+    "additionalProperties": False,
+    "properties": {
+        "name": _NAME,
+        "task": _NAME,
+        "arms": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "adapter"],
+                "additionalProperties": False,
+                "properties": {"name": _NAME, "adapter": _NAME, "weight": {"type": "number", "minimum": 0}},
+            },
+        },
+        "control": _NAME,
+        "unit": {"type": "string", "enum": list(UNIT_KINDS)},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "shadow": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["adapter"],
+                    "additionalProperties": False,
+                    "properties": {"adapter": _NAME, "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                },
+            ]
+        },
+        "start_at": _TIME,
+        "stop_at": _TIME,
+    },
+}
+
+
 # Reading the figures waits for the queued writes to commit: that wait runs in a worker thread,
 # never on the event loop. Definitions change on the loop, in order with the requests it routes.
-
-
-@router.put("/v1/experiments/{name}")
+@router.put(
+    "/v1/experiments/{name}",
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": EXPERIMENT_BODY_SCHEMA}}}},
+)
 async def put_experiment(name: str, state: StateDep, admin: AdminDep, body: Any = Body(...)) -> dict:
     with _as_http():
         state.experiments.put(name, body)

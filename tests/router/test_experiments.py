@@ -76,6 +76,8 @@ def test_shadow_rate_mirrors_about_that_share_of_requests():
     [
         ({"task": "qa", "arms": [{"name": "a", "adapter": "x", "weight": 0}, {"name": "b", "adapter": "y", "weight": 0}]},
          "must sum to a positive number"),
+        ({"task": "qa", "arms": [{"name": "a", "adapter": "x", "weight": 1e308}, {"name": "b", "adapter": "y", "weight": 1e308}]},
+         "and a finite one"),
         ({"task": "qa", "arms": [{"name": "a", "adapter": "x", "weight": -1}]}, "weights must be numbers >= 0"),
         ({"task": "qa", "arms": []}, "non-empty list"),
         ({"task": "qa", "arms": [{"name": "a", "adapter": "x"}], "control": "z"}, "control 'z' is not one of"),
