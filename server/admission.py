@@ -42,7 +42,9 @@ class Admission:
     def __init__(self, limits: AdmissionLimits, lock: threading.RLock) -> None:
         self._limits = limits
         self._lock = lock  # the engine's: guards the queue against submits from other threads
-        self._queue: FairQueue[Pending] = FairQueue(lambda pending: pending.request.tenant, limits.tenant_limits)
+        self._queue: FairQueue[Pending] = FairQueue(
+            lambda pending: pending.request.tenant, limits.tenant_limits, priority_of=lambda pending: pending.request.priority
+        )
 
     def check_room(self, tenant: str) -> None:
         """Raise if the queue, or `tenant`'s share of it, has no room for one more request.
@@ -61,7 +63,7 @@ class Admission:
         return len(self._queue)
 
     def __iter__(self) -> Iterator[Pending]:
-        """The waiting requests, tenants in turn (under the engine's lock)."""
+        """The waiting requests in admission order (under the engine's lock)."""
         return iter(self._queue)
 
     def drain(self) -> list[Pending]:
@@ -82,7 +84,7 @@ class Admission:
         makes the row; `end(pending, reason, error)` ends a request that will never run (cancelled
         while waiting, or its adapter cannot be loaded)."""
         with self._lock:
-            waiting = sorted(self._queue, key=lambda pending: pending.request.priority)  # stable: FIFO within a priority
+            waiting = list(self._queue)
         taken: set[int] = set()
         running = Counter(row.request.tenant for row in rows)
         try:
