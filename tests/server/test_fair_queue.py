@@ -86,9 +86,10 @@ def _first_token_rank(model_dir, limits: TenantLimitTable) -> int:
     """Tenant a floods with 10x max_running long requests; once a's rows are decoding, tenant b
     sends one. Returns how many of a's requests got their first token before b's did."""
     engine = _engine(model_dir, limits)
-    engine.start()
     try:
+        # The whole flood waits before the worker starts, so its first step sees all of it.
         flood = [engine.submit(_request("a", seed, max_tokens=40)) for seed in range(10 * MAX_RUNNING)]
+        engine.start()
         for _ in range(2000):
             if engine.stats().running > 0:
                 break
