@@ -5,6 +5,10 @@ order and starts a row for every request that has room: a free row under `max_ru
 its tenant's row limit, and its adapter in a slot (or a slot it can take now). A request that
 cannot start yet stays queued and the walk goes on, so one adapter waiting for a slot or one
 tenant at its limit does not hold up anyone else.
+
+A request whose tenant had no row in the previous step starts as a newcomer: its prefill goes
+before other tenants' new prompts (server.prefill_order), so a flood's replacement rows do not
+delay the first token of someone who was not running at all.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Admission:
         self._queue: FairQueue[Pending] = FairQueue(
             lambda pending: pending.request.tenant, limits.tenant_limits, priority_of=lambda pending: pending.request.priority
         )
+        self._tenants_in_last_step: set[str] = set()
 
     def check_room(self, tenant: str) -> None:
         """Raise if the queue, or `tenant`'s share of it, has no room for one more request.
@@ -74,15 +79,15 @@ class Admission:
         self,
         rows: Sequence[Row],
         slot_for: Callable[[AdapterInfo], int | None],
-        start: Callable[[Pending, int], None],
+        start: Callable[[Pending, int, bool], None],
         end: Callable[[Pending, str, str | None], None],
     ) -> None:
         """Start rows for the waiting requests that have room, in admission order.
 
         `rows` is the running batch (`start` appends to it); `slot_for` gives an adapter's slot,
-        None while it must wait for one, or raises AdapterUnavailableError; `start(pending, slot)`
-        makes the row; `end(pending, reason, error)` ends a request that will never run (cancelled
-        while waiting, or its adapter cannot be loaded)."""
+        None while it must wait for one, or raises AdapterUnavailableError; `start(pending, slot,
+        newcomer)` makes the row; `end(pending, reason, error)` ends a request that will never run
+        (cancelled while waiting, or its adapter cannot be loaded)."""
         with self._lock:
             waiting = list(self._queue)
         taken: set[int] = set()
@@ -106,7 +111,7 @@ class Admission:
                     continue
                 if slot is None:
                     continue  # waits for its own adapter; others go ahead
-                start(pending, slot)
+                start(pending, slot, tenant not in self._tenants_in_last_step)
                 taken.add(id(pending))  # only once it has its row: else it stays queued
                 running[tenant] += 1
                 self._queue.served(pending)
@@ -115,3 +120,4 @@ class Admission:
             if taken:
                 with self._lock:
                     self._queue.remove(taken)
+            self._tenants_in_last_step = {row.request.tenant for row in rows}  # the batch about to step

@@ -321,7 +321,7 @@ class Engine:
             self._resident = self.tiers.resident()
             self._counters.steps += 1
 
-    def _start_row(self, pending: Pending, slot: int) -> None:
+    def _start_row(self, pending: Pending, slot: int, newcomer: bool) -> None:
         params = pending.request.params
         row = Row(
             request=pending.request,
@@ -331,6 +331,7 @@ class Engine:
             cache_row=self._pool.take(),
             stream=TextStream(self.tokenizer, params.stop),
             generator=params.make_generator(),
+            newcomer=newcomer,
         )
         with self._lock:  # stats() reads the rows from other threads
             self._rows.append(row)
