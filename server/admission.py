@@ -92,6 +92,8 @@ class Admission:
             waiting = list(self._queue)
         taken: set[int] = set()
         running = Counter(row.request.tenant for row in rows)
+        for row in rows:
+            row.newcomer = False  # precedence is for a newcomer's first step only
         try:
             for pending in waiting:
                 if pending.handle.cancelled:

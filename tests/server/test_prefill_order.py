@@ -73,6 +73,24 @@ def test_newcomer_prefills_alone_in_the_first_step_after_it_arrives(model_dir):
         engine.shutdown()
 
 
+def test_newcomer_goes_before_the_rest_of_another_tenants_first_prompts(model_dir):
+    # 8 prompt tokens a step: a's three 5-token prompts need two steps, and b arrives after the first.
+    engine = _engine(model_dir, prefill_chunk=8)
+    prefills = _record_prefills(engine)
+    try:
+        for seed in range(3):
+            engine.submit(_request("a", _prompt(seed), max_tokens=4))
+        engine._step()
+        assert prefills[-1] == ["a", "a"]  # the first whole, the second's first 3 tokens
+        engine.submit(_request("b", _prompt(99), max_tokens=4))
+        engine._step()
+        assert prefills[-1] == ["b"]
+        engine._step()
+        assert prefills[-1] == ["a", "a"]
+    finally:
+        engine.shutdown()
+
+
 def test_rows_of_one_tenant_prefill_together(model_dir):
     engine = _engine(model_dir)
     prefills = _record_prefills(engine)
