@@ -7,6 +7,8 @@ One engine, rounds interleaved so the machine's load drifts over both cases alik
 measures B `--samples` times on the idle engine, then starts A's flood, waits until A's rows
 decode, and measures B `--samples` times at random moments of A's steps (B's arrival may land in a decode step or in a
 step that prefills A's replacement rows), then cancels the flood. Medians over all samples.
+Reported apart, once per round: B sent the moment A's first rows are admitted, so it waits for
+the step that prefills all of them (the worst arrival; only a smaller --prefill-chunk shortens it).
 
 Engine level (the HTTP layer adds the same small cost to every case). Default model, greedy,
 prompt 48 tokens, B's requests 8 new tokens, A's 8 to 56 (32 on average), so A's rows end at
@@ -14,7 +16,7 @@ different steps and their replacements are prefilled often, as with real traffic
 measured (the first-come-first-served case waits out the whole flood), then the summary.
 
     .venv/bin/python bench/fairness.py [--quick] [--model default|PATH] [--max-running N] [--rounds R] [--samples K]
-                                       [--threads N] [--no-fifo]
+                                       [--threads N] [--prefill-chunk N] [--no-fifo]
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ B_NEW_TOKENS = 8
 
 
 class Bench:
-    def __init__(self, model_dir: Path, max_running: int, limits: TenantLimitTable, threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, max_running: int, limits: TenantLimitTable, threads: int | None = None, prefill_chunk: int = 256
+    ) -> None:
         model = load_model(model_dir)
         tokenizer = Tokenizer.from_folder(model_dir)
         # No early end of sequence: every flood request runs its full length, as a worst case does.
@@ -54,7 +58,9 @@ class Bench:
         self.vocab = model.config.vocab_size
         self.max_running = max_running
         self.a_rows = min(max_running, limits.default.max_running or max_running)
-        config = EngineConfig(max_running=max_running, max_queued=10_000, tenant_limits=limits, compute_threads=threads)
+        config = EngineConfig(
+            max_running=max_running, max_queued=10_000, tenant_limits=limits, compute_threads=threads, prefill_chunk=prefill_chunk
+        )
         self.engine = Engine(model, tokenizer, config, "bench")
         self.engine.start()
         self.seed = 0  # every prompt is new, so none finds its prefix cached
@@ -72,15 +78,18 @@ class Bench:
         self.wait_steps(2)  # B is out of the batch before it sends again: each request arrives new
         return ttft
 
-    def start_flood(self) -> list[RequestHandle]:
+    def start_flood(self, burst_tenant: str | None = None) -> tuple[list[RequestHandle], float | None]:
+        """The flood's handles, and with `burst_tenant`, that tenant's time to first token when it
+        sends the moment the flood's first rows are admitted."""
         handles = []
         for _ in range(10 * self.max_running):
             params = SamplingParams(max_tokens=self.lengths.randint(*A_NEW_TOKENS))
             handles.append(self.engine.submit(GenerationRequest(self.prompt(), params, tenant="a")))
         while self.engine.stats().running < self.a_rows:
-            time.sleep(0.005)
+            time.sleep(0.001)
+        burst = self.b_time_to_first_token(burst_tenant) if burst_tenant is not None else None
         self.wait_steps(2)  # past the step that prefilled the flood's first rows: they decode
-        return handles
+        return handles, burst
 
     def stop_flood(self, handles: list[RequestHandle]) -> None:
         for handle in handles:
@@ -99,12 +108,13 @@ class Bench:
             time.sleep(0.002)
 
 
-def fair_rounds(bench: Bench, rounds: int, samples: int, rng: random.Random) -> tuple[list[float], list[float]]:
-    idle, flooded = [], []
+def fair_rounds(bench: Bench, rounds: int, samples: int, rng: random.Random) -> tuple[list[float], list[float], list[float]]:
+    idle, flooded, bursts = [], [], []
     for round_index in range(rounds):
         quiet = [bench.b_time_to_first_token("b") for _ in range(samples)]
         idle += quiet
-        flood = bench.start_flood()
+        flood, burst = bench.start_flood("b")
+        bursts.append(burst)
         measured = []
         for _ in range(samples):
             time.sleep(rng.uniform(0.0, 0.3))  # a random moment of A's steps
@@ -113,8 +123,9 @@ def fair_rounds(bench: Bench, rounds: int, samples: int, rng: random.Random) -> 
         flooded += measured
         print(json.dumps({
             "round": round_index, "b_ttft_idle_s": [round(t, 4) for t in quiet], "b_ttft_flood_s": [round(t, 4) for t in measured],
+            "b_ttft_flood_burst_s": round(burst, 4),
         }), flush=True)
-    return idle, flooded
+    return idle, flooded, bursts
 
 
 def main() -> None:
@@ -126,6 +137,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two rounds of two samples")
     parser.add_argument("--threads", type=int, help="the engine's compute threads (default: the usable cores); "
                         "1 holds up better on a machine shared with other work")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="the engine's prompt tokens per step (default 256)")
     parser.add_argument("--no-fifo", action="store_true", help="skip the first-come-first-served case (it waits out a flood)")
     args = parser.parse_args()
     if args.quick:
@@ -134,10 +146,10 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     load_before = os.getloadavg()[0]
     fair = TenantLimitTable(fair_share_defaults(args.max_running, 10_000))
-    bench = Bench(model_dir, args.max_running, fair, args.threads)
+    bench = Bench(model_dir, args.max_running, fair, args.threads, args.prefill_chunk)
     try:
         bench.b_time_to_first_token("warm-up")
-        idle, flooded = fair_rounds(bench, args.rounds, args.samples, random.Random(0))
+        idle, flooded, bursts = fair_rounds(bench, args.rounds, args.samples, random.Random(0))
     finally:
         bench.engine.shutdown()
     idle_s, flood_s = statistics.median(idle), statistics.median(flooded)
@@ -152,13 +164,16 @@ def main() -> None:
         "b_ttft_flood_fair_max_s": round(max(flooded), 4),
         "fair_vs_idle": round(flood_s / idle_s, 2),
         "target_fair_vs_idle": 2.0,
+        "b_ttft_flood_burst_s": round(statistics.median(bursts), 4),
+        "burst_vs_idle": round(statistics.median(bursts) / idle_s, 2),
         "threads": args.threads,
+        "prefill_chunk": args.prefill_chunk,
     }
     if not args.no_fifo:
-        fifo = Bench(model_dir, args.max_running, TenantLimitTable(), args.threads)
+        fifo = Bench(model_dir, args.max_running, TenantLimitTable(), args.threads, args.prefill_chunk)
         try:
             fifo.b_time_to_first_token("a")
-            flood = fifo.start_flood()
+            flood, _ = fifo.start_flood()
             flooded_fifo = fifo.b_time_to_first_token("a")  # in A's line, behind the whole flood
             fifo.stop_flood(flood)
         finally:
