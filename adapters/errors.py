@@ -71,3 +71,8 @@ class OversizedAdapterError(AdapterError):
 
 class AdapterChangedError(AdapterError):
     """A registered adapter's files no longer hold the bytes they held at registration."""
+
+
+class LinkedAdapterFileError(AdapterError):
+    """An adapter file is a symbolic link, or its folder was moved or replaced by one: files are
+    read only as plain files in the folder as it was registered."""

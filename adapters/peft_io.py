@@ -25,6 +25,7 @@ from adapters.errors import (
     AdapterNotFoundError,
     BaseModelMismatchError,
     CorruptAdapterFileError,
+    LinkedAdapterFileError,
     NonFiniteWeightsError,
     RankTooLargeError,
     ShapeMismatchError,
@@ -125,6 +126,11 @@ def load_adapter(
     shapes = linear_shapes(model_config)
     max_dim = max(model_config.vocab_size, *(side for shape in shapes.values() for side in shape))
     budget = WeightBudget(max_tensors=2 * (len(shapes) + 1), max_dim=max_dim, max_rank=max_rank or max_dim)
+    if expected_hash is not None and os.path.realpath(path) != str(Path(path).absolute()):
+        # A re-read of a registered folder (recorded as its real path) that now leads elsewhere.
+        raise LinkedAdapterFileError(
+            f"{path} was moved or replaced by a symbolic link since the adapter was registered; load it again"
+        )
     weights = read_adapter(path, budget)
     file = Path(weights.source) / WEIGHTS_FILE
     if expected_hash is not None and weights.content_hash != expected_hash:

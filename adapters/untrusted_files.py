@@ -1,7 +1,9 @@
 """Reading an adapter's two files as untrusted input.
 
-An adapter folder may come from anyone who can write under an adapter root. So: only regular
-files are read (no FIFO or device to block on); the config is read up to MAX_CONFIG_BYTES; the
+An adapter folder may come from anyone who can write under an adapter root. So: the folder is
+opened once and both files are opened inside it without following symbolic links (a file swapped
+for a link after registration is refused at the read, whatever it points to); only regular files
+are read (no FIFO or device to block on); the config is read up to MAX_CONFIG_BYTES; the
 safetensors header is read and checked (dtypes, shapes, offsets, and the budget of what the base
 model can use) before a single tensor byte is, so a 12 KB sparse file claiming a 2 GiB tensor is
 refused for a few KB of reads; and the bytes parsed are the bytes hashed, so a registered
@@ -10,6 +12,7 @@ adapter's content can be pinned and checked whenever it is read again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -25,6 +28,7 @@ from adapters.errors import (
     AdapterConfigError,
     AdapterNotFoundError,
     CorruptAdapterFileError,
+    LinkedAdapterFileError,
     OversizedAdapterError,
     RankTooLargeError,
 )
@@ -51,8 +55,15 @@ class AdapterBytes:
 
 
 def read_adapter_files(config_file: Path, weights_file: Path, budget: WeightBudget | None) -> AdapterBytes:
-    config = _read_capped(config_file, MAX_CONFIG_BYTES, "adapter configs are a few KB; this is not one")
-    weights = _read_checked_safetensors(weights_file, budget)
+    """Both files of one adapter folder (`config_file` and `weights_file` must share it)."""
+    if config_file.parent != weights_file.parent:
+        raise ValueError(f"{config_file} and {weights_file} are not in one folder")
+    folder = _open_folder(weights_file.parent)
+    try:
+        config = _read_capped(folder, config_file, MAX_CONFIG_BYTES, "adapter configs are a few KB; this is not one")
+        weights = _read_checked_safetensors(folder, weights_file, budget)
+    finally:
+        os.close(folder)
     digest = hashlib.sha256()
     digest.update(len(config).to_bytes(8, "little"))
     digest.update(config)
@@ -64,13 +75,44 @@ def read_adapter_files(config_file: Path, weights_file: Path, budget: WeightBudg
     return AdapterBytes(config, tensors, digest.hexdigest())
 
 
-def _open_regular(file: Path) -> tuple[int, int]:
-    """(descriptor, size) of a regular file; FIFOs and devices are refused before any read."""
+def _open_folder(folder: Path) -> int:
+    """A descriptor of the folder's real location, which its files are then opened in."""
+    real = os.path.realpath(folder)
     try:
-        descriptor = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        descriptor = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise AdapterNotFoundError(f"adapter folder {folder} not found") from None
+    except OSError as err:
+        raise AdapterNotFoundError(f"adapter folder {folder} cannot be opened ({err.strerror}); check it and its permissions") from None
+    opened = _descriptor_path(descriptor)
+    if opened is not None and opened != real:  # a folder on the way was swapped for a link just now
+        os.close(descriptor)
+        raise LinkedAdapterFileError(f"adapter folder {folder} moved while it was opened; load the adapter again")
+    return descriptor
+
+
+def _descriptor_path(descriptor: int) -> str | None:
+    """Where an open descriptor really is (Linux's /proc), or None where that cannot be asked."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return None
+
+
+def _open_regular(folder: int, file: Path) -> tuple[int, int]:
+    """(descriptor, size) of a regular file directly in `folder`, never through a link; FIFOs and
+    devices are refused before any read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(file.name, flags, dir_fd=folder)
     except FileNotFoundError:
         raise AdapterNotFoundError(f"{file} not found: a PEFT adapter folder needs {file.name}") from None
     except OSError as err:
+        if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise LinkedAdapterFileError(
+                f"{file} is a symbolic link; adapter files are read only as plain files in the adapter's folder, "
+                "never through a link: copy the file itself into the folder and load the adapter again"
+            ) from None
         raise AdapterNotFoundError(f"{file} cannot be opened ({err.strerror}); check its permissions") from None
     info = os.fstat(descriptor)
     if not stat.S_ISREG(info.st_mode):
@@ -79,8 +121,8 @@ def _open_regular(file: Path) -> tuple[int, int]:
     return descriptor, info.st_size
 
 
-def _read_capped(file: Path, limit: int, why: str) -> bytes:
-    descriptor, size = _open_regular(file)
+def _read_capped(folder: int, file: Path, limit: int, why: str) -> bytes:
+    descriptor, size = _open_regular(folder, file)
     try:
         if size > limit:
             raise AdapterConfigError(f"{file} is {size} bytes, over the limit of {limit}; {why}")
@@ -100,8 +142,8 @@ def _read_exactly(descriptor: int, size: int, file: Path) -> bytes:
     return b"".join(chunks)
 
 
-def _read_checked_safetensors(file: Path, budget: WeightBudget | None) -> bytes:
-    descriptor, size = _open_regular(file)
+def _read_checked_safetensors(folder: int, file: Path, budget: WeightBudget | None) -> bytes:
+    descriptor, size = _open_regular(folder, file)
     try:
         if size < 8:
             raise CorruptAdapterFileError(f"{file} is truncated or corrupt ({size} bytes); copy or save the adapter again")

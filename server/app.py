@@ -3,8 +3,8 @@ app around a tiny model and `loraplex serve` around the real one.
 
 Middleware is plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched:
 one layer gives each request an id (echoing `X-Request-Id`) and writes the access log line,
-one refuses keyless callers before their body is read (server.edge_auth), one enforces the body
-size limit before any handler parses JSON."""
+one refuses keyless callers before their body is read (server.edge_auth), one bounds the body in
+size and time before any handler parses JSON (server.edge_body)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ from router.task_table import TaskTable
 from server.compute_threads import serial_torch
 from server.drain import DrainMiddleware, DrainState
 from server.edge_auth import EdgeAuthMiddleware
+from server.edge_body import BodyLimitMiddleware, header_value
 from server.engine import Engine, EngineConfig
 from server.experiment_runtime import build_experiments
 from server.fair_queue import limit_table
-from server.http_errors import BodyTooLargeError, install_error_handlers, to_response
+from server.http_errors import install_error_handlers, to_response
 from server.metrics import UNROUTED, ServerMetrics
 from server.openapi_doc import install_openapi
 from server.routes_adapters import router as adapters_router
@@ -86,7 +87,7 @@ def create_app(settings: ServerSettings, drain: DrainState | None = None) -> Fas
     if settings.dashboard:
         install_dashboard(app, metrics)
     # Added last = outermost: the request id exists before the body limit can refuse a request.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(EdgeAuthMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
@@ -173,7 +174,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        supplied = _header(scope, b"x-request-id")
+        supplied = header_value(scope, b"x-request-id")
         request_id = supplied if supplied and REQUEST_ID_PATTERN.match(supplied) else uuid4().hex
         started = time.monotonic()
         scope.setdefault("state", {}).update(request_id=request_id, arrival=started)
@@ -203,51 +204,3 @@ class RequestContextMiddleware:
                 request_id, scope["method"], scope["path"], status, (time.monotonic() - started) * 1000,
                 scope["state"].get("adapter_label", UNROUTED),
             )
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length or, for chunked uploads, by counting."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await to_response(BodyTooLargeError(self.max_bytes))(scope, receive, send)
-            return
-        # Read the body here (it is bounded) and replay it, so the limit holds without a length.
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await to_response(BodyTooLargeError(self.max_bytes))(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # later reads wait for the disconnect, as handlers expect
-
-        await self.app(scope, replay, send)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None

@@ -19,6 +19,7 @@ from backbone.sampling import sample_next_tokens
 from server.batch_state import CachePool, Row
 from server.logprobs import TokenLogprob, prompt_logprobs_of_chunk, token_logprobs
 from server.prefill_logits import prefill_logits
+from server.prefill_order import prefill_groups
 from server.prefix_kv import PrefixCache
 from server.request_handle import Finished, TextDelta
 from server.slot_copies import SlotCopier, host_to_device
@@ -88,21 +89,29 @@ class BatchRunner:
     # ---- prefill ---------------------------------------------------------------------------
 
     def _prefill(self, rows: list[Row]) -> None:
+        for group in prefill_groups(rows):  # a newcomer tenant's prompts go alone (server.prefill_order)
+            chunks = self._chunks(group)
+            if chunks:
+                self._prefill_chunks(chunks)
+                return
+
+    def _chunks(self, rows: list[Row]) -> list[tuple[Row, int, int]]:
+        """(row, first position, tokens) for this step, in order, up to the prefill budget."""
         budget = self.prefill_chunk
-        chunks: list[tuple[Row, int, int]] = []  # (row, first position, tokens)
+        chunks: list[tuple[Row, int, int]] = []
         for row in rows:
             if budget == 0:
                 break
-            if row.prefilling:
-                # A row that scores its prompt computes every position: cached blocks carry no logits.
-                attachable = self.prefix_cache is not None and row.prefix_keys is None and not row.scores_prompt
-                if attachable and not self.prefix_cache.attach(row):
-                    continue  # another row is computing this row's prefix now: reuse it next step
-                count = min(len(row.prompt) - row.prefilled, budget)
-                chunks.append((row, row.prefilled, count))
-                budget -= count
-        if not chunks:
-            return
+            # A row that scores its prompt computes every position: cached blocks carry no logits.
+            attachable = self.prefix_cache is not None and row.prefix_keys is None and not row.scores_prompt
+            if attachable and not self.prefix_cache.attach(row):
+                continue  # another row is computing this row's prefix now: reuse it next step
+            count = min(len(row.prompt) - row.prefilled, budget)
+            chunks.append((row, row.prefilled, count))
+            budget -= count
+        return chunks
+
+    def _prefill_chunks(self, chunks: list[tuple[Row, int, int]]) -> None:
         width = max(count for _, _, count in chunks)
         input_ids = torch.full((len(chunks), width), PAD_TOKEN_ID, dtype=torch.long)
         for index, (row, start, count) in enumerate(chunks):

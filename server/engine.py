@@ -21,20 +21,14 @@ from adapters.injection import inject_lora
 from backbone.model import CausalLM
 from backbone.tokenizer import Tokenizer
 from router.adapter_registry import AdapterInfo
-from server.adapter_tiers import AdapterTiers, AdapterUnavailableError, ResidentAdapter
+from server.adapter_tiers import AdapterTiers, ResidentAdapter
+from server.admission import Admission, Pending
 from server.batch_runner import BatchRunner
 from server.batch_state import CachePool, Row
 from server.compute_threads import claim_compute, serial_torch
 from server.device_memory import check_device_memory, plan_memory
-from server.engine_errors import (
-    EngineStoppedError,
-    InvalidRequestError,
-    PromptTooLongError,
-    QueueFullError,
-    TenantQueueFullError,
-    UnknownAdapterError,
-)
-from server.fair_queue import FairQueue, TenantLimitTable
+from server.engine_errors import EngineStoppedError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
+from server.fair_queue import TenantLimitTable
 from server.prefix_kv import PrefixCache, PrefixCacheStats
 from server.request_handle import Finished, GenerationRequest, RequestHandle, TextDelta
 from server.step_isolation import step_isolating
@@ -101,13 +95,6 @@ class EngineStats:
 
 
 @dataclass
-class _Pending:
-    request: GenerationRequest
-    handle: RequestHandle
-    adapter: AdapterInfo | None
-
-
-@dataclass
 class _Counters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -161,7 +148,7 @@ class Engine:
             model, self._pool, stop_ids, config.prefill_chunk, self._row_finished,
             slot_copies=self.tiers.copier, prefix_cache=self._prefix,
         )  # fmt: skip
-        self._queue: FairQueue[_Pending] = FairQueue(lambda pending: pending.request.tenant, config.tenant_limits)
+        self._admission = Admission(config, self._lock)
         self._rows: list[Row] = []
         self._counters = _Counters()
         self._resident: list[ResidentAdapter] = []  # the worker's last view of the slot table
@@ -262,15 +249,11 @@ class Engine:
                 adapter = self.tiers.registry.lookup(request.adapter)  # "name" or a pinned "name@version"
                 if adapter is None:
                     raise UnknownAdapterError(request.adapter)
-            if len(self._queue) >= self.config.max_queued:
-                raise QueueFullError(self.config.max_queued)
-            tenant_limit = self._queue.queue_limit_reached(request.tenant)
-            if tenant_limit is not None:
-                raise TenantQueueFullError(request.tenant, tenant_limit)
+            self._admission.check_room(request.tenant)
             handle = RequestHandle(request, adapter, self._cancel)
             if adapter is not None:
                 self.tiers.hold(adapter)
-            self._queue.append(_Pending(request, handle, adapter))
+            self._admission.enqueue(Pending(request, handle, adapter))
             self._dirty = True
             self._wakeup.notify_all()
         return handle
@@ -287,13 +270,13 @@ class Engine:
         with self._lock:
             loads, writes = list(tiers.disk_load_seconds), list(tiers.slot_write_seconds)
             return EngineStats(
-                queued=len(self._queue),
+                queued=len(self._admission),
                 running=len(self._rows),
                 max_running=self.config.max_running,
                 max_loras=self.config.max_loras,
                 resident=list(self._resident),
                 running_adapters=dict(Counter(row.adapter.name for row in self._rows if row.adapter)),
-                waiting_adapters=dict(Counter(p.adapter.name for p in self._queue if p.adapter)),
+                waiting_adapters=dict(Counter(p.adapter.name for p in self._admission if p.adapter)),
                 cpu_cache_entries=len(tiers.cpu),
                 cpu_cache_bytes=tiers.cpu.nbytes,
                 resident_bytes=tiers.slots.resident_bytes,
@@ -347,7 +330,7 @@ class Engine:
         self.tiers.collect()
         for row in [row for row in self._rows if row.handle.cancelled]:
             self._runner.finish(row, "cancelled")
-        self._admit()
+        self._admission.admit(self._rows, self.tiers.slot_for, self._start_row, self._end_unadmitted)
         if self._rows:
             step_isolating(self._runner.step, list(self._rows), lambda row, why: self._runner.finish(row, "error", error=why))
         self.tiers.collect()  # versions whose last request just finished
@@ -355,51 +338,20 @@ class Engine:
             self._resident = self.tiers.resident()
             self._counters.steps += 1
 
-    def _admit(self) -> None:
-        with self._lock:
-            waiting = sorted(self._queue, key=lambda pending: pending.request.priority)  # stable: FIFO within a priority
-        admitted: set[int] = set()
-        running = Counter(row.request.tenant for row in self._rows)
-        try:
-            for pending in waiting:
-                handle = pending.handle
-                if handle.cancelled:
-                    admitted.add(id(pending))
-                    self._end_unadmitted(pending, "cancelled", None)
-                    continue
-                if len(self._rows) >= self.config.max_running:
-                    break
-                tenant = pending.request.tenant
-                if not self._queue.may_run(tenant, running[tenant]):
-                    continue  # at its row limit: other tenants go ahead
-                try:
-                    slot = -1 if pending.adapter is None else self.tiers.slot_for(pending.adapter)
-                except AdapterUnavailableError as err:
-                    admitted.add(id(pending))
-                    self._end_unadmitted(pending, "error", str(err))
-                    continue
-                if slot is None:
-                    continue  # waits for its own adapter; others go ahead
-                params = pending.request.params
-                row = Row(
-                    request=pending.request,
-                    handle=handle,
-                    adapter=pending.adapter,
-                    slot=slot,
-                    cache_row=self._pool.take(),
-                    stream=TextStream(self.tokenizer, params.stop),
-                    generator=params.make_generator(),
-                )
-                with self._lock:  # stats() reads the rows from other threads
-                    self._rows.append(row)
-                admitted.add(id(pending))  # only once it has its row: else it stays queued
-                running[tenant] += 1
-                self._queue.served(pending)
-        finally:
-            # Whatever happens mid-way, what was admitted or ended leaves the queue exactly once.
-            if admitted:
-                with self._lock:
-                    self._queue.remove(admitted)
+    def _start_row(self, pending: Pending, slot: int, newcomer: bool) -> None:
+        params = pending.request.params
+        row = Row(
+            request=pending.request,
+            handle=pending.handle,
+            adapter=pending.adapter,
+            slot=slot,
+            cache_row=self._pool.take(),
+            stream=TextStream(self.tokenizer, params.stop),
+            generator=params.make_generator(),
+            newcomer=newcomer,
+        )
+        with self._lock:  # stats() reads the rows from other threads
+            self._rows.append(row)
 
     def _row_finished(self, row: Row, finished: Finished) -> None:
         """Called by the runner as a row ends: free its cache row and slot at once."""
@@ -416,7 +368,7 @@ class Engine:
             self._resident = self.tiers.resident()
             self._dirty = True  # a freed row or slot may admit a waiting request
 
-    def _end_unadmitted(self, pending: _Pending, reason: str, error: str | None) -> None:
+    def _end_unadmitted(self, pending: Pending, reason: str, error: str | None) -> None:
         finished = Finished(reason, "", [], len(pending.request.prompt_ids), 0, error=error)
         if pending.adapter is not None:
             self.tiers.drop(pending.adapter)
@@ -435,7 +387,7 @@ class Engine:
         for row in list(self._rows):
             self._runner.finish(row, "cancelled", error=reason)
         with self._lock:
-            waiting = self._queue.drain()
+            waiting = self._admission.drain()
         for pending in waiting:
             self._end_unadmitted(pending, "cancelled", reason)
 

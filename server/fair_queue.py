@@ -2,14 +2,17 @@
 
 One tenant flooding the server must not decide when another tenant's request runs. Each tenant
 has its own line; admission takes one request from each tenant with waiting work in turn,
-starting after the tenant served last. Limits per tenant (from its API key, else the server's
-defaults) cap its running rows, so a row stays free for a newcomer instead of waiting for a long
-generation to end, and its queued requests, so it cannot fill the queue everyone shares.
+starting after the tenant served last. Priority comes before turns: a request of a lower priority
+value (a live request) goes before any of a higher one (an experiment's shadow copy). Limits per
+tenant (from its API key, else the server's defaults) cap its running rows, so a row stays free
+for a newcomer instead of waiting for a long generation to end, and its queued requests, so it
+cannot fill the queue everyone shares.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -43,22 +46,38 @@ def fair_share_defaults(max_running: int, max_queued: int) -> TenantLimits:
 
 
 class FairQueue(Generic[Item]):
-    def __init__(self, tenant_of: Callable[[Item], str], limits: TenantLimitTable | None = None) -> None:
+    """Waiting items in admission order: lower priority values first; within a priority, each
+    tenant's oldest in turn (from the tenant after the one served last), then each tenant's second
+    oldest, and so on. One line per (priority, tenant), so the order is read off, never sorted."""
+
+    def __init__(
+        self,
+        tenant_of: Callable[[Item], str],
+        limits: TenantLimitTable | None = None,
+        priority_of: Callable[[Item], int] = lambda item: 0,
+    ) -> None:
         self._tenant_of = tenant_of
+        self._priority_of = priority_of
         self.limits = limits or TenantLimitTable()
-        self._lines: dict[str, deque[Item]] = {}  # tenant -> its waiting requests, oldest first
-        self._rotation: list[str] = []  # tenants in the order they take turns
+        # priority -> tenant -> that tenant's waiting items of that priority, oldest first
+        self._levels: dict[int, dict[str, deque[Item]]] = {}
+        self._priorities: list[int] = []  # the keys of _levels, sorted (few: live and shadow)
+        self._rotation: list[str] = []  # tenants with waiting items, in the order they take turns
+        self._queued: Counter[str] = Counter()  # tenant -> waiting items, all priorities
         self._last_served: str | None = None
 
     def append(self, item: Item) -> None:
-        tenant = self._tenant_of(item)
-        if tenant not in self._lines:
-            self._lines[tenant] = deque()
+        tenant, priority = self._tenant_of(item), self._priority_of(item)
+        if priority not in self._levels:
+            self._levels[priority] = {}
+            bisect.insort(self._priorities, priority)
+        if tenant not in self._queued:
             self._rotation.append(tenant)
-        self._lines[tenant].append(item)
+        self._levels[priority].setdefault(tenant, deque()).append(item)
+        self._queued[tenant] += 1
 
     def queued(self, tenant: str) -> int:
-        return len(self._lines.get(tenant, ()))
+        return self._queued.get(tenant, 0)
 
     def queue_limit_reached(self, tenant: str) -> int | None:
         """The tenant's queue limit if it has no room for one more request, else None."""
@@ -75,34 +94,46 @@ class FairQueue(Generic[Item]):
         self._last_served = self._tenant_of(item)
 
     def __len__(self) -> int:
-        return sum(len(line) for line in self._lines.values())
+        return self._queued.total()
 
     def __iter__(self) -> Iterator[Item]:
-        """Admission order: each tenant's oldest, in turn from the tenant after the last served,
-        then each tenant's second oldest, and so on."""
         tenants = self._rotation
         start = tenants.index(self._last_served) + 1 if self._last_served in tenants else 0
-        order = [self._lines[t] for t in tenants[start:] + tenants[:start]]
-        for depth in range(max((len(line) for line in order), default=0)):
-            for line in order:
-                if depth < len(line):
-                    yield line[depth]
+        turns = tenants[start:] + tenants[:start]
+        for priority in self._priorities:
+            level = self._levels[priority]
+            order = [level[tenant] for tenant in turns if tenant in level]
+            for depth in range(max(len(line) for line in order)):
+                for line in order:
+                    if depth < len(line):
+                        yield line[depth]
 
     def remove(self, item_ids: set[int]) -> None:
         """Drop the items whose id() is in `item_ids` (admitted or ended)."""
-        for tenant in list(self._lines):
-            line = deque(item for item in self._lines[tenant] if id(item) not in item_ids)
-            if line:
-                self._lines[tenant] = line
-            else:
-                del self._lines[tenant]
-                self._rotation.remove(tenant)
+        for priority in list(self._priorities):
+            level = self._levels[priority]
+            for tenant in list(level):
+                line = level[tenant]
+                kept = deque(item for item in line if id(item) not in item_ids)
+                self._queued[tenant] -= len(line) - len(kept)
+                if kept:
+                    level[tenant] = kept
+                else:
+                    del level[tenant]
+            if not level:
+                del self._levels[priority]
+                self._priorities.remove(priority)
+        for tenant in [tenant for tenant, count in self._queued.items() if count == 0]:
+            del self._queued[tenant]
+            self._rotation.remove(tenant)
 
     def drain(self) -> list[Item]:
         """Every waiting item (in admission order); the queue is empty after."""
         items = list(self)
-        self._lines.clear()
+        self._levels.clear()
+        self._priorities.clear()
         self._rotation.clear()
+        self._queued.clear()
         return items
 
 

@@ -44,9 +44,9 @@ SERVER_KEYS = (
     "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard", "device", "dtype",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
 )
-# Multi-tenant safety settings (server.edge_auth, server.edge_server, server.fair_queue).
-SAFETY_KEYS = ("metrics_public", "limit_concurrency", "header_timeout", "keep_alive_timeout", "raw_special_tokens",
-               "max_choices")
+# Multi-tenant safety settings (server.edge_auth, server.edge_body, server.edge_server, server.fair_queue).
+SAFETY_KEYS = ("metrics_public", "limit_concurrency", "header_timeout", "body_timeout", "keep_alive_timeout",
+               "raw_special_tokens", "max_choices")
 TENANT_KEYS = ("tenant_max_running", "tenant_max_queued")
 KNOWN_KEYS = {
     *ENGINE_KEYS, *SERVER_KEYS, *SAFETY_KEYS, *TENANT_KEYS,
@@ -112,6 +112,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     safety.add_argument("--tenant-max-queued", type=int, help="requests one tenant may queue (default: half the queue)")
     safety.add_argument("--limit-concurrency", type=int, help="connections/requests before 503 (default: running + queued + 64)")
     safety.add_argument("--header-timeout", type=float, help="seconds for request headers to arrive (default 10)")
+    safety.add_argument("--body-timeout", type=float,
+                        help="seconds from a request's headers to its body's last byte, else 408 (default 30)")
     safety.add_argument("--keep-alive-timeout", type=float, help="seconds an idle connection stays open (default 5)")
     safety.add_argument("--max-choices", type=int,
                         help="most choices one request may ask for (n times its prompts); each is a running row (default 16)")
@@ -188,6 +190,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if not isinstance(engine.prefix_cache_mb, (int, float)) or engine.prefix_cache_mb < 0:
         raise ServeConfigError(f"prefix_cache_mb (--prefix-cache-mb) must be a number of MiB >= 0, got {engine.prefix_cache_mb!r}")
     server_fields = {key: merged[key] for key in (*SERVER_KEYS, *SAFETY_KEYS) if merged.get(key) is not None}
+    for key in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        value = server_fields.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            flag = "--" + key.replace("_", "-")
+            raise ServeConfigError(f"{key} ({flag}) must be a number of seconds > 0, got {value!r}")
     if "adapter_store" in server_fields:
         server_fields["adapter_store"] = str(_relative_to(base_dir, server_fields["adapter_store"]))
     if server_fields.get("sync_store") and "adapter_store" not in server_fields:

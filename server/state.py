@@ -38,6 +38,7 @@ class ServerSettings:
     tenant_limits: TenantLimits = field(default_factory=TenantLimits)  # with api_keys: per-tenant defaults; None = fair share
     limit_concurrency: int | None = None  # open connections / requests before 503; None = max_running + max_queued + 64
     header_timeout: float = 10.0  # seconds for a request's headers to arrive whole, else the connection closes
+    body_timeout: float = 30.0  # seconds from a request's headers to its body's last byte, else 408 and close
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     max_choices: int = 16  # n x prompts per request at most: each choice is its own row in the batch
     raw_special_tokens: bool = False  # special-token text in chat content becomes control tokens (unsafe)

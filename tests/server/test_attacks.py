@@ -174,6 +174,28 @@ def test_swapped_file_of_registered_adapter_is_not_served(env):
     assert reply.status_code >= 400 and "load it again" in reply.json()["error"]["message"]
 
 
+def test_weights_swapped_for_a_link_are_refused_at_reread_even_with_the_same_bytes(env, caplog):
+    server, root, tmp = env
+    folder = _adapter_with_config(root, "linked", root / "ad-b")
+    loaded = call(server, ADMIN, "/v1/load_lora_adapter", {"lora_name": "linked", "lora_path": "linked"})
+    assert loaded.status_code == 200, loaded.text
+    # The link leads outside the root to a byte-identical copy: the content hash alone would pass it.
+    outside = tmp / "outside-same.safetensors"
+    outside.write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    (folder / "adapter_model.safetensors").unlink()
+    os.symlink(outside, folder / "adapter_model.safetensors")
+    engine = server.state.engine
+    key = f"linked@{loaded.json()['version']}"
+    assert engine.tiers.slots.slot_of(key) is None  # never used, so only the CPU copy holds it
+    engine.tiers.cpu.pop(key)  # as an eviction by other adapters would
+    with caplog.at_level("ERROR", logger="server.adapter_tiers"):
+        reply = call(server, ADMIN, body={"model": "linked", "prompt": "Write a story", "max_tokens": 8})
+    assert reply.status_code >= 400 and "could not be read back from disk; load it again" in reply.json()["error"]["message"]
+    assert "adapter_model.safetensors is a symbolic link" in caplog.text  # the operator's log says why
+    served = call(server, TENANT_B, body={"model": "ad-b", "prompt": "Write a story", "max_tokens": 8})
+    assert served.status_code == 200 and served.json()["choices"][0]["text"]
+
+
 def test_header_claiming_huge_tensor_is_refused_before_reading_it(env):
     import resource
 

@@ -1,5 +1,6 @@
-"""The edge against a live server: connections that never finish their headers are closed, and
-past the concurrency limit requests get 503 at once instead of piling up."""
+"""The edge against a live server: connections that never finish their headers are closed, a
+body that does not arrive in time is answered 408 and its connection closed, even for a client
+with a valid key, and past the concurrency limit requests get 503 at once instead of piling up."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import httpx
 import pytest
 
 from server.app import ServerSettings
+from server.auth import ApiKeys
 from test_http_harness import live_server, make_model_folder
+
+
+KEY = "sk-tenant-a-1"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = make_model_folder(tmp_path_factory.mktemp("edge") / "tiny")
-    settings = ServerSettings(model=str(model_dir), header_timeout=3, keep_alive_timeout=3, limit_concurrency=3)
+    settings = ServerSettings(
+        model=str(model_dir), api_keys=ApiKeys.from_mapping({KEY: {"tenant": "a", "tasks": ["*"]}}),
+        header_timeout=3, body_timeout=2, keep_alive_timeout=3, limit_concurrency=3,
+    )  # fmt: skip
     with live_server(settings) as live:
         yield live
 
@@ -32,6 +40,21 @@ def test_half_sent_header_is_closed(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
         connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         assert _closed_by_server(connection)
+
+
+def test_keyed_client_stalling_its_body_gets_408_and_is_closed(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
+        connection.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n{\"model\": \"tiny\", \"prompt\": "
+        )  # half the promised body, then nothing
+        reply = connection.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert b"body_timeout" in reply and b"connection: close" in reply.lower()
+        assert _closed_by_server(connection)
+    with httpx.Client(base_url=server.base_url, timeout=20, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        whole = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert whole.status_code == 200, whole.text  # a body sent at once is unaffected
 
 
 def test_silent_connection_is_closed(server):

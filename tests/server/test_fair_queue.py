@@ -48,6 +48,22 @@ def test_queue_takes_turns_across_tenants():
     assert queue.drain()[0] == ("b", 1) and len(queue) == 0
 
 
+def test_lower_priority_value_goes_first_then_tenants_take_turns():
+    # (tenant, priority, number)
+    queue: FairQueue[tuple[str, int, int]] = FairQueue(lambda item: item[0], priority_of=lambda item: item[1])
+    for item in [("a", 1, 1), ("a", 0, 2), ("a", 0, 3), ("b", 1, 4), ("b", 0, 5), ("c", 2, 6), ("c", 1, 7)]:
+        queue.append(item)
+    assert list(queue) == [("a", 0, 2), ("b", 0, 5), ("a", 0, 3), ("a", 1, 1), ("b", 1, 4), ("c", 1, 7), ("c", 2, 6)]
+    assert queue.queued("a") == 3 and queue.queued("c") == 2 and len(queue) == 7
+    queue.served(("a", 0, 2))
+    queue.remove({id(item) for item in list(queue) if item[2] in (2, 6)})
+    assert list(queue) == [("b", 0, 5), ("a", 0, 3), ("b", 1, 4), ("c", 1, 7), ("a", 1, 1)]
+    queue.remove({id(item) for item in list(queue) if item[0] == "c"})
+    assert queue.queued("c") == 0 and len(queue) == 4
+    queue.append(("c", 0, 8))  # c is back in the turns, still ahead of a, served last
+    assert queue.drain() == [("b", 0, 5), ("c", 0, 8), ("a", 0, 3), ("b", 1, 4), ("a", 1, 1)] and len(queue) == 0
+
+
 def test_limits_from_keys_fill_gaps_with_fair_share():
     keys = ApiKeys.from_mapping({
         "sk-tenant-a-1": {"tenant": "a", "max_running": 2},
@@ -70,9 +86,10 @@ def _first_token_rank(model_dir, limits: TenantLimitTable) -> int:
     """Tenant a floods with 10x max_running long requests; once a's rows are decoding, tenant b
     sends one. Returns how many of a's requests got their first token before b's did."""
     engine = _engine(model_dir, limits)
-    engine.start()
     try:
+        # The whole flood waits before the worker starts, so its first step sees all of it.
         flood = [engine.submit(_request("a", seed, max_tokens=40)) for seed in range(10 * MAX_RUNNING)]
+        engine.start()
         for _ in range(2000):
             if engine.stats().running > 0:
                 break

@@ -70,15 +70,19 @@ def test_bad_flags():
 def test_multi_tenant_safety_flags_and_config(tmp_path):
     settings = parse(
         "--metrics-public", "--tenant-max-running", "3", "--limit-concurrency", "40", "--header-timeout", "2.5",
-        "--raw-special-tokens",
+        "--body-timeout", "7", "--raw-special-tokens",
     )
     assert settings.metrics_public and settings.raw_special_tokens and settings.limit_concurrency == 40
-    assert settings.header_timeout == 2.5 and settings.keep_alive_timeout == 5.0
+    assert settings.header_timeout == 2.5 and settings.body_timeout == 7 and settings.keep_alive_timeout == 5.0
+    assert parse().body_timeout == 30.0
+    with pytest.raises(ServeConfigError, match=r"body_timeout \(--body-timeout\) must be a number of seconds > 0"):
+        parse("--body-timeout", "0")
     assert settings.tenant_limits.max_running == 3 and settings.tenant_limits.max_queued is None
     config = tmp_path / "serve.yaml"
-    config.write_text("tenant_max_queued: 7\nkeep_alive_timeout: 1\nmetrics_public: true\n")
+    config.write_text("tenant_max_queued: 7\nkeep_alive_timeout: 1\nmetrics_public: true\nbody_timeout: 12\n")
     from_file = parse("--config", str(config))
     assert from_file.tenant_limits.max_queued == 7 and from_file.keep_alive_timeout == 1 and from_file.metrics_public
+    assert from_file.body_timeout == 12
     assert not parse().metrics_public and not parse().raw_special_tokens
 
 
