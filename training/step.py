@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from backbone.model import CausalLM
 from training.batching import IGNORE_INDEX, MicroBatch
 from training.distributed import Distributed
+from training.length_buckets import MAX_PADDING, length_buckets, slot_spans
 from training.optim import set_lr
 from training.surgery import Surgery, conflict_rate, cosine_matrix
 from training.task_adapters import TaskAdapters
@@ -34,24 +35,42 @@ class StepStats:
     conflict_rate: float | None
 
 
-def token_losses(model: CausalLM, adapters: TaskAdapters, batch: MicroBatch) -> torch.Tensor:
+def token_losses(
+    model: CausalLM, adapters: TaskAdapters, batch: MicroBatch, max_padding: float | None = MAX_PADDING
+) -> torch.Tensor:
     """(B, L) cross-entropy of each position's next token, in fp32; 0 where the label is ignored.
 
-    The LM head runs on the labelled positions only: over a large vocabulary it is a large share
-    of the model's FLOPs, and most positions are prompt or padding, whose logits no loss reads."""
+    The rows run in length buckets holding at most `max_padding` of padding, each ordered by task
+    (training/length_buckets.py); None runs the padded batch as it is, in one forward. The LM
+    head runs on the labelled positions only: over a large vocabulary it is a large share of the
+    model's FLOPs, and most positions are prompt or padding, whose logits no loss reads."""
     device = model.inv_freq.device
-    input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-    rows, length = input_ids.shape
-    positions = torch.arange(length, device=device).expand(rows, length)
-    routing = adapters.routing(batch.task_ids.to(device))
-    hidden = model.hidden_states(input_ids, positions, routing=routing, plain_causal=True)  # (B, L, H)
-    labelled = labels != IGNORE_INDEX  # (B, L)
+    rows, length = batch.input_ids.shape
+    if max_padding is None:
+        buckets = [list(range(rows))]
+    else:
+        buckets = length_buckets(batch.lengths.tolist(), batch.task_ids.tolist(), max_padding)
+    hidden_parts, label_parts, flat_parts = [], [], []
+    for bucket in buckets:
+        index = torch.tensor(bucket)
+        bucket_length = int(batch.lengths[index].max())
+        input_ids = batch.input_ids[index, :bucket_length].to(device)
+        labels = batch.labels[index, :bucket_length]
+        task_ids = batch.task_ids[index]
+        spans = slot_spans(task_ids.tolist()) if max_padding is not None else None
+        positions = torch.arange(bucket_length, device=device).expand(len(bucket), bucket_length)
+        routing = adapters.routing(task_ids.to(device), slot_spans=spans)
+        hidden = model.hidden_states(input_ids, positions, routing=routing, plain_causal=True)  # (b, l, H)
+        labelled = labels != IGNORE_INDEX  # (b, l)
+        hidden_parts.append(hidden[labelled.to(device)])
+        label_parts.append(labels[labelled])
+        flat_parts.append((index[:, None] * length + torch.arange(bucket_length))[labelled])
     # The log-softmax over the vocabulary in fp32: in bf16 its sum of exponentials keeps 8 bits,
     # which is visible in the loss and its gradients (a no-op for an fp32 model).
-    logits = model.lm_head(hidden[labelled]).float()  # (N, V), N = answer tokens
-    losses = torch.zeros(labels.shape, device=device, dtype=torch.float32)
-    losses[labelled] = F.cross_entropy(logits, labels[labelled], reduction="none")
-    return losses
+    logits = model.lm_head(torch.cat(hidden_parts)).float()  # (N, V), N = answer tokens
+    losses = torch.zeros(rows * length, device=device, dtype=torch.float32)
+    losses[torch.cat(flat_parts).to(device)] = F.cross_entropy(logits, torch.cat(label_parts).to(device), reduction="none")
+    return losses.view(rows, length)
 
 
 def train_step(
