@@ -83,13 +83,16 @@ def train_step(
     clip_norm: float | None,
     scaler: torch.amp.GradScaler | None = None,
     distributed: Distributed | None = None,
+    max_padding: float | None = MAX_PADDING,
 ) -> StepStats:
     """The model is in training mode (LoRA dropout on) inside a step only. With `distributed`,
-    `micro_batches` are this rank's share of the step and the result is the global step's."""
+    `micro_batches` are this rank's share of the step and the result is the global step's.
+    `max_padding`: as in `token_losses` (None: each micro-batch in one padded forward)."""
     model.train()
     try:
         return _train_step(
-            model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm, scaler, distributed or Distributed()
+            model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm, scaler, distributed or Distributed(),
+            max_padding,
         )
     finally:
         model.eval()
@@ -105,6 +108,7 @@ def _train_step(
     clip_norm: float | None,
     scaler: torch.amp.GradScaler | None,
     distributed: Distributed,
+    max_padding: float | None,
 ) -> StepStats:
     """`scaler`: a gradient scaler for an fp16 base, whose activation gradients underflow
     unscaled; the step is skipped (and the scale lowered) when a gradient is not finite."""
@@ -120,7 +124,7 @@ def _train_step(
     task_tokens = torch.zeros(num_tasks, dtype=torch.long)
     tokens = 0
     for batch in micro_batches:
-        losses = token_losses(model, adapters, batch)  # (B, L)
+        losses = token_losses(model, adapters, batch, max_padding)  # (B, L)
         loss = losses.sum() / total_tokens
         (scaler.scale(loss) if scaler is not None else loss).backward()
         task_loss_sums.index_add_(0, batch.task_ids.to(device), losses.detach().sum(1).double())

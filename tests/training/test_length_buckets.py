@@ -6,7 +6,9 @@ import torch
 
 from training.batching import collate
 from training.length_buckets import length_buckets, slot_spans
-from training.step import token_losses
+from training.optim import build_optimizer, param_groups
+from training.step import token_losses, train_step
+from training.surgery import Surgery
 
 from training_toy import tiny_adapters, toy_examples
 
@@ -63,3 +65,24 @@ def test_bucketed_losses_gradients_and_task_bins_equal_the_padded_batch(toy_mode
     for a, b in zip(bucketed_grads, padded_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bucketed_bins, padded_bins, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bucketed_training_step_equals_the_padded_one_with_pcgrad_on_the_shared_adapter(toy_model_dir):
+    rows = [(t, e) for t in range(3) for e in toy_examples(t, 3, seed=2, prompt_len=2 + 4 * t)]
+    batches = [collate(rows[:5], 0), collate(rows[5:], 0)]  # two micro-batches, accumulated
+    results = []
+    for padding in (None, 0.05):
+        model, adapters = tiny_adapters(toy_model_dir, num_tasks=3, shared=True, random_b=True)
+        adapters.attach_task_grad_sinks()
+        optimizer = build_optimizer(param_groups(adapters.named_parameters(), 1e-3, 0.01, 2), (0.9, 0.999), 1e-8)
+        stats = train_step(model, adapters, optimizer, Surgery("pcgrad", 3, seed=0), batches, 1.0, 1.0, max_padding=padding)
+        params = torch.cat([p.detach().reshape(-1) for _, p in adapters.named_parameters()])
+        results.append((stats, adapters.shared_task_grads().clone(), params))
+    (padded, padded_bins, padded_params), (bucketed, bucketed_bins, bucketed_params) = results
+    assert bucketed.tokens == padded.tokens and bucketed.task_tokens == padded.task_tokens
+    assert bucketed.loss == pytest.approx(padded.loss, abs=1e-5)
+    assert bucketed.task_loss == pytest.approx(padded.task_loss, abs=1e-5)
+    assert bucketed.grad_norm == pytest.approx(padded.grad_norm, rel=1e-5)
+    torch.testing.assert_close(torch.tensor(bucketed.cosines), torch.tensor(padded.cosines), atol=1e-5, rtol=0)
+    torch.testing.assert_close(bucketed_bins, padded_bins, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bucketed_params, padded_params, atol=1e-5, rtol=0)
