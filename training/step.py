@@ -155,9 +155,13 @@ def _train_step(
         adapters.set_shared_grad(combined)
 
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-    if clip_norm is not None and clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    # The norm before clipping; clipping computes it anyway, so it is read from there.
+    if not params:
+        grad_norm = 0.0
+    elif clip_norm is not None and clip_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
     set_lr(optimizer, lr_multiplier)
     if scaler is not None:
         scaler.step(optimizer)  # skipped when unscale_ found an inf/nan (the shared bins sum to those grads)
