@@ -220,7 +220,9 @@ class LoraLinear(Projection):
     def _shared_delta(self, x, routing: AdapterRouting, shared_A, shared_B) -> torch.Tensor:
         scale = float(self.lora_scale[routing.shared_slot])
         if routing.task_ids is not None and self.task_grads is not None and torch.is_grad_enabled():
-            return binned_shared_delta(x, shared_A, shared_B, scale, routing.task_ids, self.task_grads)
+            # Training's slot spans are its task spans too (task t trains slot t).
+            spans = routing.slot_spans if x.shape[1] > 1 else None
+            return binned_shared_delta(x, shared_A, shared_B, scale, routing.task_ids, self.task_grads, spans)
         return (x @ shared_A.to(x.dtype).T) @ shared_B.to(x.dtype).T * scale
 
 
