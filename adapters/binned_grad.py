@@ -32,10 +32,10 @@ class TaskGradSink:
 
 class _BinnedSharedDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scale, task_ids, sink):  # x (N, in), A (r, in), B (out, r)
+    def forward(ctx, x, lora_A, lora_B, scale, task_ids, sink, token_spans):  # x (N, in), A (r, in), B (out, r)
         hidden = x @ lora_A.to(x.dtype).T  # (N, r)
         ctx.save_for_backward(x, lora_A, lora_B, hidden, task_ids)
-        ctx.scale, ctx.sink = scale, sink
+        ctx.scale, ctx.sink, ctx.token_spans = scale, sink, token_spans
         return (hidden @ lora_B.to(x.dtype).T) * scale  # (N, out)
 
     @staticmethod
@@ -47,9 +47,12 @@ class _BinnedSharedDelta(torch.autograd.Function):
         x32, hidden32, grad_out32, grad_hidden32 = x.float(), hidden.float(), grad_out.float(), grad_hidden.float()
         grad_A = torch.zeros(lora_A.shape, dtype=torch.float32, device=lora_A.device)
         grad_B = torch.zeros(lora_B.shape, dtype=torch.float32, device=lora_B.device)
-        for task in range(ctx.sink.grad_A.shape[0]):
-            rows = (task_ids == task).nonzero().squeeze(1)
-            if rows.numel() == 0:
+        if ctx.token_spans is not None:  # each task's tokens are one slice: views, no gathers
+            parts = [(task, slice(start, stop)) for task, start, stop in ctx.token_spans]
+        else:
+            parts = [(task, (task_ids == task).nonzero().squeeze(1)) for task in range(ctx.sink.grad_A.shape[0])]
+        for task, rows in parts:
+            if isinstance(rows, torch.Tensor) and rows.numel() == 0:  # spans are never empty
                 continue
             task_grad_A = grad_hidden32[rows].T @ x32[rows]  # (r, in)
             task_grad_B = grad_out32[rows].T @ hidden32[rows]  # (out, r)
@@ -57,7 +60,7 @@ class _BinnedSharedDelta(torch.autograd.Function):
             ctx.sink.grad_B[task] += task_grad_B
             grad_A += task_grad_A
             grad_B += task_grad_B
-        return grad_hidden @ lora_A.to(grad_hidden.dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, None
+        return grad_hidden @ lora_A.to(grad_hidden.dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), None, None, None, None
 
 
 def binned_shared_delta(
@@ -67,9 +70,12 @@ def binned_shared_delta(
     scale: float,
     task_ids: torch.Tensor,
     sink: TaskGradSink,
+    task_spans: list[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
-    """(B, T, in) -> (B, T, out) shared-adapter delta; `task_ids` is per batch row."""
+    """(B, T, in) -> (B, T, out) shared-adapter delta; `task_ids` is per batch row. `task_spans`:
+    (task, start, stop) when the rows are ordered by task, task t's rows being start:stop."""
     batch, length, width = x.shape
     token_tasks = task_ids[:, None].expand(batch, length).reshape(-1)
-    out = _BinnedSharedDelta.apply(x.reshape(-1, width), lora_A, lora_B, scale, token_tasks, sink)
+    token_spans = None if task_spans is None else [(task, start * length, stop * length) for task, start, stop in task_spans]
+    out = _BinnedSharedDelta.apply(x.reshape(-1, width), lora_A, lora_B, scale, token_tasks, sink, token_spans)
     return out.view(batch, length, -1)

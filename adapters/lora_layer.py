@@ -119,14 +119,17 @@ class LoraLinear(Projection):
         out = F.linear(x, self.weight, self.bias)
         if routing is None:
             return out
-        lora_A, lora_B = self._stacks()
         # Rank 0: none of the batch's adapters targets this module (e.g. q/v-only adapters on an MLP).
         rank = max((self.slot_ranks[slot] for slot in routing.active_list), default=0)
         # LoRA dropout touches the adapters' input only, and only while training.
         dropping = self.training and routing.dropout is not None
         if rank > 0:
             row_x = adapter_dropout(x, routing.dropout.row_rates) if dropping else x
-            out = self._add_per_row_delta(out, row_x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
+            if routing.slot_spans is not None and x.shape[1] > 1:
+                out = self._add_slot_span_delta(out, row_x, routing.slot_spans)
+            else:
+                lora_A, lora_B = self._stacks()
+                out = self._add_per_row_delta(out, row_x, routing, lora_A[:, :rank], lora_B[:, :, :rank])
         if routing.shared_slot is not None:
             shared_x = adapter_dropout(x, routing.dropout.shared_rate) if dropping else x
             # The shared slot's own weights (fp32 when trained), not the stack's cast copy, so its
@@ -154,6 +157,24 @@ class LoraLinear(Projection):
         # which saves two full passes over the output (F.linear's backward does not need `out`).
         # index_select, not fancy indexing: its backward is a fast index_add, not a scatter.
         return out.baddbmm_(hidden, lora_B.index_select(0, slots).transpose(1, 2))
+
+    def _add_slot_span_delta(self, out, x, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        # Rows ordered by adapter (training's batches): each adapter's rows are one slice, so its
+        # delta is two matmuls on views, accumulated into the base output in place. No per-row
+        # weight gathers, no stack of all slots, and the weight gradients land directly on each
+        # slot's own (fp32, when trained) parameters.
+        width = out.shape[-1]
+        for slot, start, stop in spans:
+            rank = self.slot_ranks[slot] if slot >= 0 else 0
+            if rank == 0:
+                continue
+            lora_A, lora_B = self.slot_weights(slot)
+            hidden = x[start:stop] @ lora_A[:rank].to(x.dtype).T  # (n, T, r)
+            scale = self.slot_scales[slot]
+            if scale is None:
+                hidden, scale = hidden * self.lora_scale[slot].to(x.dtype), 1.0
+            out[start:stop].view(-1, width).addmm_(hidden.view(-1, rank), lora_B[:, :rank].to(x.dtype).T, alpha=scale)
+        return out
 
     def _add_distinct_decode_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # Each row on its own adapter, the adapters in consecutive slots: line the rows up in slot
@@ -199,7 +220,9 @@ class LoraLinear(Projection):
     def _shared_delta(self, x, routing: AdapterRouting, shared_A, shared_B) -> torch.Tensor:
         scale = float(self.lora_scale[routing.shared_slot])
         if routing.task_ids is not None and self.task_grads is not None and torch.is_grad_enabled():
-            return binned_shared_delta(x, shared_A, shared_B, scale, routing.task_ids, self.task_grads)
+            # Training's slot spans are its task spans too (task t trains slot t).
+            spans = routing.slot_spans if x.shape[1] > 1 else None
+            return binned_shared_delta(x, shared_A, shared_B, scale, routing.task_ids, self.task_grads, spans)
         return (x @ shared_A.to(x.dtype).T) @ shared_B.to(x.dtype).T * scale
 
 

@@ -25,6 +25,9 @@ class AdapterRouting:
     task_ids: (B,) long, each row's task, with `num_tasks`: the shared slot's backward then also
       bins its weight gradients per task (gradient surgery from one backward pass).
     dropout: LoRA dropout rates (training); layers apply them only in training mode.
+    slot_spans: (slot, start, stop) per adapter when the rows are ordered by slot, so each
+      adapter's rows are one slice (training orders its batches so): layers then run each
+      adapter on a view of its rows instead of gathering weights per row.
     """
 
     slot_ids: torch.Tensor
@@ -32,6 +35,7 @@ class AdapterRouting:
     task_ids: torch.Tensor | None = None
     num_tasks: int = 0
     dropout: DropoutRates | None = None
+    slot_spans: list[tuple[int, int, int]] | None = None
     # Derived once per batch, reused by every layer: the distinct slots in use and, for each
     # row, its position among them.
     active_slots: torch.Tensor = field(init=False)

@@ -7,6 +7,10 @@ Throughput (each variant in its own process, so peak RSS is its own; the variant
                adapter: PEFT trains one adapter per batch; all rows go through it)
   ours_1task   our trainer, the same batch, one task adapter
   ours_4task   our trainer, the same batch split over 4 task adapters (mixed batch)
+With --ablation, two more variants show what each speed-up gave (4 tasks, mixed batch):
+  ours_4task_padded  the micro-batch in one padded forward, each row gathering its adapter's
+                     weights (no length buckets, no per-adapter slices); fused AdamW
+  ours_4task_before  as ours_4task_padded with the unfused AdamW: the trainer before both
 Surgery cost (one process, one model with 4 task adapters + a shared one, the three step kinds
 interleaved step by step so they see the same machine):
   plain        no surgery, an ordinary backward
@@ -14,7 +18,7 @@ interleaved step by step so they see the same machine):
   pcgrad_T_backward  the reference way (LibMTL): one forward, T backward passes for the per-task
                gradients of the shared adapter, then PCGrad
 
-    .venv/bin/python bench/train.py [--quick] [--steps N] [--rows R] [--length L] [--device cuda --dtype bfloat16]
+    .venv/bin/python bench/train.py [--quick] [--ablation] [--steps N] [--rows R] [--length L] [--device cuda --dtype bfloat16]
 
 With --device/--dtype, every variant's frozen base is in that dtype on that device (PEFT's too);
 the LoRA weights and AdamW state stay fp32 in all of them, as PEFT keeps them by default.
@@ -40,6 +44,7 @@ from bench_precision import add_args as add_precision_args, peak_memory, resolve
 
 RANK, TASKS = 16, 4
 VARIANTS = ("peft", "ours_1task", "ours_4task", "surgery")
+ABLATIONS = ("ours_4task_padded", "ours_4task_before")
 
 
 def make_batch(rows: int, length: int, vocab: int, tasks: int, seed: int = 0):
@@ -82,7 +87,7 @@ def run_peft(folder: Path, batch, steps: int, dtype: torch.dtype, device: torch.
 
 
 
-def _our_setup(folder: Path, tasks: int, shared: bool, dtype: torch.dtype, device: torch.device):
+def _our_setup(folder: Path, tasks: int, shared: bool, dtype: torch.dtype, device: torch.device, fused_adamw: bool = True):
     from adapters.config import LoraConfig
     from backbone import load_model
     from training.optim import build_optimizer, param_groups
@@ -93,21 +98,24 @@ def _our_setup(folder: Path, tasks: int, shared: bool, dtype: torch.dtype, devic
     sources = [AdapterSource(f"task{t}", config) for t in range(tasks)]
     adapters = TaskAdapters(model, sources, AdapterSource("shared", config) if shared else None, seed=0)
     adapters.make_trainable()
-    optimizer = build_optimizer(param_groups(adapters.named_parameters(), 1e-4, 0.0, model.config.num_hidden_layers), (0.9, 0.999), 1e-8)
+    groups = param_groups(adapters.named_parameters(), 1e-4, 0.0, model.config.num_hidden_layers)
+    optimizer = build_optimizer(groups, (0.9, 0.999), 1e-8) if fused_adamw else torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     return model, adapters, optimizer
 
 
-def run_ours(folder: Path, batch, steps: int, tasks: int, dtype: torch.dtype, device: torch.device) -> list[float]:
+def run_ours(folder: Path, batch, steps: int, tasks: int, dtype: torch.dtype, device: torch.device, variant: str) -> list[float]:
+    from training.length_buckets import MAX_PADDING
     from training.step import train_step
     from training.surgery import Surgery
 
-    model, adapters, optimizer = _our_setup(folder, tasks, shared=False, dtype=dtype, device=device)
+    padded = variant in ABLATIONS
+    model, adapters, optimizer = _our_setup(folder, tasks, False, dtype, device, fused_adamw=variant != "ours_4task_before")
     batch.task_ids = batch.task_ids % tasks
     surgery = Surgery("none", tasks, seed=0)
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        train_step(model, adapters, optimizer, surgery, [batch], 1.0, 1.0)
+        train_step(model, adapters, optimizer, surgery, [batch], 1.0, 1.0, max_padding=None if padded else MAX_PADDING)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times[1:]
@@ -189,7 +197,7 @@ def child(args: argparse.Namespace) -> None:
     if args.variant == "peft":
         times = run_peft(folder, batch, args.steps, dtype, device)
     else:
-        times = run_ours(folder, batch, args.steps, 1 if args.variant == "ours_1task" else TASKS, dtype, device)
+        times = run_ours(folder, batch, args.steps, 1 if args.variant == "ours_1task" else TASKS, dtype, device, args.variant)
     print(json.dumps({
         "variant": args.variant,
         "tokens": tokens,
@@ -208,7 +216,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the variants; each keeps its fastest")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--ablation", action="store_true", help="also the 4-task trainer without each speed-up")
+    parser.add_argument("--variant", choices=VARIANTS + ABLATIONS, help=argparse.SUPPRESS)
     add_precision_args(parser)
     args = parser.parse_args()
     if args.quick:
@@ -218,7 +227,7 @@ def main() -> None:
         return
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in VARIANTS + (ABLATIONS if args.ablation else ()):
             command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--rows",
                        str(args.rows), "--length", str(args.length), "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
             finished = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -241,8 +250,10 @@ def main() -> None:
             "pcgrad_step_vs_plain_step": surgery["pcgrad_step_s"] / surgery["plain_step_s"],
             "pcgrad_T_backward_step_vs_plain_step": surgery["pcgrad_T_backward_step_s"] / surgery["plain_step_s"],
             "pcgrad_one_backward_speedup_vs_T_backward": surgery["pcgrad_T_backward_step_s"] / surgery["pcgrad_step_s"],
+            **{f"tokens_per_s_{name}_vs_peft": results[name]["tokens_per_s"] / peft["tokens_per_s"] for name in ABLATIONS if name in results},
         },
-        "aims": {"tokens_per_s_vs_peft": ">= 1.0", "pcgrad_step_vs_plain_step": "<= 1.25"},
+        "aims": {"tokens_per_s_ours_4task_vs_peft": ">= 1.3", "peak_rss_ours_4task_vs_peft": "<= 0.8",
+                 "pcgrad_step_vs_plain_step": "<= 1.25"},
     }, indent=2))
 
 

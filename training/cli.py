@@ -48,6 +48,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="continue from a checkpoint: the latest in <output_dir>/checkpoints, or the file given",
     )
     parser.add_argument("--dry-run", action="store_true", help="validate the config and the data, print the plan, do not train")
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="data-parallel processes on this machine: re-runs this command under torchrun with N processes "
+        "(gloo on CPU, NCCL on GPU, one GPU each); default 1",
+    )
     add_precision_args(parser, config_keys=True)  # None: the config's `device`/`dtype`, else auto
     parser.set_defaults(run=run_train)
     _add_compare_command(subparsers)
@@ -58,12 +63,17 @@ def run_train(args: argparse.Namespace) -> int:
     import json
 
     from training.distributed import Distributed
+    from training.launch import check_nproc, launch, rank_device
     from training.recipe import MultiTaskTrainer, describe
 
+    check_nproc(args.nproc)
     config = load_config(args.config)
     # Flags, then the config's keys, then auto; resolved here so a bad value fails before any loading.
     precision = resolve_precision(args.device or config.device or "auto", args.dtype or config.dtype or "auto")
-    config.device, config.dtype = str(precision.device), precision.dtype_name
+    if args.nproc > 1 and not args.dry_run:
+        return launch(args, precision.device)
+    device = rank_device(precision.device)
+    config.device, config.dtype = str(device), precision.dtype_name
     log.info("device %s, dtype %s (%s)", precision.device, precision.dtype_name, precision.reason)
     if args.dry_run:
         trainer = MultiTaskTrainer(config)
@@ -74,7 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
             "trainable_parameters": sum(p.numel() for _, p in trainer.adapters.named_parameters()),
         }, indent=2))
         return 0
-    distributed = Distributed.from_environment()  # torchrun's processes join one job
+    distributed = Distributed.from_environment(device)  # torchrun's processes join one job
     try:
         summary = MultiTaskTrainer(config, distributed=distributed).train(resume=args.resume)
     finally:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from backbone.model import CausalLM
 from training.batching import IGNORE_INDEX, MicroBatch
 from training.distributed import Distributed
+from training.length_buckets import MAX_PADDING, length_buckets, slot_spans
 from training.optim import set_lr
 from training.surgery import Surgery, conflict_rate, cosine_matrix
 from training.task_adapters import TaskAdapters
@@ -34,24 +35,42 @@ class StepStats:
     conflict_rate: float | None
 
 
-def token_losses(model: CausalLM, adapters: TaskAdapters, batch: MicroBatch) -> torch.Tensor:
+def token_losses(
+    model: CausalLM, adapters: TaskAdapters, batch: MicroBatch, max_padding: float | None = MAX_PADDING
+) -> torch.Tensor:
     """(B, L) cross-entropy of each position's next token, in fp32; 0 where the label is ignored.
 
-    The LM head runs on the labelled positions only: over a large vocabulary it is a large share
-    of the model's FLOPs, and most positions are prompt or padding, whose logits no loss reads."""
+    The rows run in length buckets holding at most `max_padding` of padding, each ordered by task
+    (training/length_buckets.py); None runs the padded batch as it is, in one forward. The LM
+    head runs on the labelled positions only: over a large vocabulary it is a large share of the
+    model's FLOPs, and most positions are prompt or padding, whose logits no loss reads."""
     device = model.inv_freq.device
-    input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-    rows, length = input_ids.shape
-    positions = torch.arange(length, device=device).expand(rows, length)
-    routing = adapters.routing(batch.task_ids.to(device))
-    hidden = model.hidden_states(input_ids, positions, routing=routing, plain_causal=True)  # (B, L, H)
-    labelled = labels != IGNORE_INDEX  # (B, L)
+    rows, length = batch.input_ids.shape
+    if max_padding is None:
+        buckets = [list(range(rows))]
+    else:
+        buckets = length_buckets(batch.lengths.tolist(), batch.task_ids.tolist(), max_padding)
+    hidden_parts, label_parts, flat_parts = [], [], []
+    for bucket in buckets:
+        index = torch.tensor(bucket)
+        bucket_length = int(batch.lengths[index].max())
+        input_ids = batch.input_ids[index, :bucket_length].to(device)
+        labels = batch.labels[index, :bucket_length]
+        task_ids = batch.task_ids[index]
+        spans = slot_spans(task_ids.tolist()) if max_padding is not None else None
+        positions = torch.arange(bucket_length, device=device).expand(len(bucket), bucket_length)
+        routing = adapters.routing(task_ids.to(device), slot_spans=spans)
+        hidden = model.hidden_states(input_ids, positions, routing=routing, plain_causal=True)  # (b, l, H)
+        labelled = labels != IGNORE_INDEX  # (b, l)
+        hidden_parts.append(hidden[labelled.to(device)])
+        label_parts.append(labels[labelled])
+        flat_parts.append((index[:, None] * length + torch.arange(bucket_length))[labelled])
     # The log-softmax over the vocabulary in fp32: in bf16 its sum of exponentials keeps 8 bits,
     # which is visible in the loss and its gradients (a no-op for an fp32 model).
-    logits = model.lm_head(hidden[labelled]).float()  # (N, V), N = answer tokens
-    losses = torch.zeros(labels.shape, device=device, dtype=torch.float32)
-    losses[labelled] = F.cross_entropy(logits, labels[labelled], reduction="none")
-    return losses
+    logits = model.lm_head(torch.cat(hidden_parts)).float()  # (N, V), N = answer tokens
+    losses = torch.zeros(rows * length, device=device, dtype=torch.float32)
+    losses[torch.cat(flat_parts).to(device)] = F.cross_entropy(logits, torch.cat(label_parts).to(device), reduction="none")
+    return losses.view(rows, length)
 
 
 def train_step(
@@ -64,13 +83,16 @@ def train_step(
     clip_norm: float | None,
     scaler: torch.amp.GradScaler | None = None,
     distributed: Distributed | None = None,
+    max_padding: float | None = MAX_PADDING,
 ) -> StepStats:
     """The model is in training mode (LoRA dropout on) inside a step only. With `distributed`,
-    `micro_batches` are this rank's share of the step and the result is the global step's."""
+    `micro_batches` are this rank's share of the step and the result is the global step's.
+    `max_padding`: as in `token_losses` (None: each micro-batch in one padded forward)."""
     model.train()
     try:
         return _train_step(
-            model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm, scaler, distributed or Distributed()
+            model, adapters, optimizer, surgery, micro_batches, lr_multiplier, clip_norm, scaler, distributed or Distributed(),
+            max_padding,
         )
     finally:
         model.eval()
@@ -86,6 +108,7 @@ def _train_step(
     clip_norm: float | None,
     scaler: torch.amp.GradScaler | None,
     distributed: Distributed,
+    max_padding: float | None,
 ) -> StepStats:
     """`scaler`: a gradient scaler for an fp16 base, whose activation gradients underflow
     unscaled; the step is skipped (and the scale lowered) when a gradient is not finite."""
@@ -101,7 +124,7 @@ def _train_step(
     task_tokens = torch.zeros(num_tasks, dtype=torch.long)
     tokens = 0
     for batch in micro_batches:
-        losses = token_losses(model, adapters, batch)  # (B, L)
+        losses = token_losses(model, adapters, batch, max_padding)  # (B, L)
         loss = losses.sum() / total_tokens
         (scaler.scale(loss) if scaler is not None else loss).backward()
         task_loss_sums.index_add_(0, batch.task_ids.to(device), losses.detach().sum(1).double())
@@ -132,9 +155,13 @@ def _train_step(
         adapters.set_shared_grad(combined)
 
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-    if clip_norm is not None and clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    # The norm before clipping; clipping computes it anyway, so it is read from there.
+    if not params:
+        grad_norm = 0.0
+    elif clip_norm is not None and clip_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
     set_lr(optimizer, lr_multiplier)
     if scaler is not None:
         scaler.step(optimizer)  # skipped when unscale_ found an inf/nan (the shared bins sum to those grads)

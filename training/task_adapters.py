@@ -116,11 +116,12 @@ class TaskAdapters:
 
     # ---- routing and the shared adapter's per-task gradients -------------------------------
 
-    def routing(self, task_ids: torch.Tensor) -> AdapterRouting:
-        """Each row through its own task's slot (slot t = task t), plus the shared slot."""
+    def routing(self, task_ids: torch.Tensor, slot_spans: list[tuple[int, int, int]] | None = None) -> AdapterRouting:
+        """Each row through its own task's slot (slot t = task t), plus the shared slot.
+        `slot_spans`: the rows are ordered by task, task t's rows being rows start:stop."""
         return AdapterRouting(
             slot_ids=task_ids, shared_slot=self.shared_slot, task_ids=task_ids, num_tasks=self.num_tasks,
-            dropout=self._dropout_rates(task_ids),
+            dropout=self._dropout_rates(task_ids), slot_spans=slot_spans,
         )
 
     def _dropout_rates(self, task_ids: torch.Tensor) -> DropoutRates | None:

@@ -7,7 +7,7 @@ import torch
 
 from server.cli import build_parser
 from training.config import ConfigError, TrainConfig, build, config_reference
-from training.optim import lr_multiplier, param_groups
+from training.optim import build_optimizer, lr_multiplier, param_groups
 
 MINIMAL = {"model": "m", "output_dir": "o", "tasks": [{"name": "a", "train": "a.jsonl"}]}
 
@@ -59,3 +59,21 @@ def test_cagrad_c_out_of_range_names_the_key():
     config = build(TrainConfig, {**MINIMAL, "surgery": {"method": "cagrad", "c": 1.0}})
     with pytest.raises(ConfigError, match=r"surgery.c must be in \[0, 1\), got 1.0"):
         config.validate()
+
+
+def test_the_fused_optimizer_makes_the_plain_adamw_update():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 16), (16, 4), (8,)]
+    named = [(f"model.layers.{i}.w", torch.nn.Parameter(torch.randn(s, generator=generator))) for i, s in enumerate(shapes)]
+    plain = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+    fused = build_optimizer(param_groups(named, 1e-2, 0.1, 3, layer_decay=0.5), (0.9, 0.99), 1e-8)
+    assert fused.param_groups[0]["fused"]
+    reference = torch.optim.AdamW(param_groups(plain, 1e-2, 0.1, 3, layer_decay=0.5), betas=(0.9, 0.99), eps=1e-8)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=generator) for s in shapes]
+        for (_, a), (_, b), g in zip(named, plain, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        reference.step()
+    for (_, a), (_, b) in zip(named, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

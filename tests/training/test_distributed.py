@@ -2,10 +2,8 @@
 adapters 1 process gives on the same batch, with PCGrad on the shared adapter."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +13,8 @@ from server.cli import main
 from training.distributed import Distributed, DistributedError
 from training.report import read_log
 
+from torchrun_helpers import gloo_available, worker_env
 from training_files import toy_config, write_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _gloo_available() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
 
 
 def test_ranks_share_every_row_of_the_step_once():
@@ -40,14 +31,14 @@ def test_more_processes_than_rows_in_a_step_names_the_keys_to_raise():
         Distributed(rank=1, world_size=4).share_of_step([[(0, 0), (0, 1), (1, 0)]], [[4, 4], [4]], batch_tokens=64)
 
 
-@pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
 def test_torchrun_two_processes_equal_one_process_on_the_same_global_batch(toy_model_dir, tmp_path):
     overrides = {"max_steps": 3, "eval": {"every": 0}, "checkpoint": {"every": 0}}
     single = toy_config(tmp_path, toy_model_dir, "single", **overrides)
     assert single["surgery"]["method"] == "pcgrad" and "shared" in single
     assert main(["train", str(write_config(tmp_path / "single.json", single))]) == 0
     double = {**single, "output_dir": str(tmp_path / "double")}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = worker_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "server.cli", "train", str(write_config(tmp_path / "double.json", double))]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

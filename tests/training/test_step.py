@@ -56,7 +56,9 @@ def test_accumulated_micro_batches_equal_one_big_batch(toy_model_dir):
     (big, big_params), (acc, acc_params) = results
     assert abs(big.loss - acc.loss) < 1e-6
     assert abs(big.grad_norm - acc.grad_norm) < 1e-6
-    torch.testing.assert_close(acc_params, big_params, atol=1e-6, rtol=0)
+    # 1e-5: the two runs bucket rows by length differently, so their gradients differ in the last
+    # bits, and AdamW's first step (g / |g|) turns that into up to ~lr * 1e-4 on a gradient near 0.
+    torch.testing.assert_close(acc_params, big_params, atol=1e-5, rtol=0)
 
 
 def test_each_task_adapter_moves_only_on_its_own_rows(toy_model_dir):
