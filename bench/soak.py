@@ -130,6 +130,13 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def gauge(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return float("nan")
+
+
 def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (seconds, MB) samples, in MB per minute."""
     if len(samples) < 3:
@@ -179,6 +186,7 @@ def drive(args, soak: Soak, pid: int, names: list[str], current: dict[str, int],
     deadline = started + args.minutes * 60
     outcomes: list[Outcome] = []
     rss: list[tuple[float, float]] = []
+    caches: list[tuple[float, float]] = []  # (prefix cache MB, parsed adapters in CPU memory), with each RSS sample
     swaps = {"done": 0, "failed": 0}
     stop = threading.Event()
 
@@ -210,9 +218,12 @@ def drive(args, soak: Soak, pid: int, names: list[str], current: dict[str, int],
                 except Exception:
                     swaps["failed"] += 1
 
-    def sampler() -> None:
-        while not stop.wait(5):
-            rss.append((time.monotonic() - started, rss_mb(pid)))
+    def sampler() -> None:  # RSS beside the bounded caches that may explain its growth
+        with httpx.Client(timeout=60) as http:
+            while not stop.wait(5):
+                metrics = http.get(f"{soak.url}/metrics").text
+                caches.append((gauge(metrics, "loraplex_prefix_cache_bytes") / 2**20, gauge(metrics, "loraplex_cpu_adapters")))
+                rss.append((time.monotonic() - started, rss_mb(pid)))
 
     threads = [threading.Thread(target=client, args=(seed,)) for seed in range(args.clients)]
     helpers = [threading.Thread(target=swapper), threading.Thread(target=sampler)]
@@ -223,10 +234,10 @@ def drive(args, soak: Soak, pid: int, names: list[str], current: dict[str, int],
     stop.set()
     for thread in helpers:
         thread.join()
-    return summarize(args, soak, outcomes, rss, swaps, base_answers, expected)
+    return summarize(args, soak, outcomes, rss, caches, swaps, base_answers, expected)
 
 
-def summarize(args, soak: Soak, outcomes: list[Outcome], rss, swaps, base_answers: dict, expected: dict) -> dict:
+def summarize(args, soak: Soak, outcomes: list[Outcome], rss, caches, swaps, base_answers: dict, expected: dict) -> dict:
     wrong_version, mismatched, checked, unknown_version = [], [], 0, 0
     for outcome in outcomes:
         if not outcome.ok:
@@ -271,7 +282,9 @@ def summarize(args, soak: Soak, outcomes: list[Outcome], rss, swaps, base_answer
         "rss_mb": {"first": rss[0][1] if rss else None, "last": rss[-1][1] if rss else None,
                    "max": max((mb for _, mb in rss), default=None),
                    "slope_mb_per_min_after_warmup": None if slope is None else round(slope, 3),
-                   "every_30_s": [round(mb, 1) for _, mb in rss[5::6]]},  # sampled every 5 s
+                   "every_30_s": [round(mb, 1) for _, mb in rss[5::6]],  # sampled every 5 s
+                   "prefix_cache_mb_every_30_s": [round(mb, 1) for mb, _ in caches[5::6]],
+                   "cpu_adapters_every_30_s": [int(count) for _, count in caches[5::6]]},
     }
 
 
