@@ -116,7 +116,11 @@ class LoraLinear(Projection):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, routing: AdapterRouting | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        return self.add_adapters(F.linear(x, self.weight, self.bias), x, routing)
+
+    def add_adapters(self, out: torch.Tensor, x: torch.Tensor, routing: AdapterRouting | None) -> torch.Tensor:
+        """The base output `out` plus the routed adapters' delta for `x`. `out` may be a slice of a
+        fused q/k/v or gate/up output (backbone/fused_projections.py); it is updated in place."""
         if routing is None:
             return out
         lora_A, lora_B = self._stacks()

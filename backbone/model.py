@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone.config import ModelConfig
+from backbone.fused_projections import FusedGroup
 from backbone.kv_cache import KVCache
 from backbone.logit_refinement import refine_top_logits
 from backbone.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
@@ -30,6 +31,10 @@ class Projection(nn.Linear):
 
     def forward(self, x: torch.Tensor, routing: Routing = None) -> torch.Tensor:  # noqa: ARG002
         return F.linear(x, self.weight, self.bias)
+
+    def add_adapters(self, out: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # noqa: ARG002
+        """`out` (this projection's base output for `x`) plus its adapters' delta: none here."""
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -57,6 +62,7 @@ class Attention(nn.Module):
         self.k_proj = Projection(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = Projection(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = Projection(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        self.fused_qkv: FusedGroup | None = None  # set by fuse_projections (backbone/fused_projections.py)
 
     def forward(
         self,
@@ -70,9 +76,14 @@ class Attention(nn.Module):
         routing: Routing,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x, routing).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x, routing).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, routing).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv.outputs(projections, x, routing)
+        else:
+            q, k, v = (projection(x, routing) for projection in projections)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v, positions, cache_rows, span=mask.shape[-1])
@@ -100,9 +111,14 @@ class MLP(nn.Module):
         self.gate_proj = Projection(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = Projection(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = Projection(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.fused_gate_up: FusedGroup | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, routing)) * self.up_proj(x, routing), routing)
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up.outputs((self.gate_proj, self.up_proj), x, routing)
+        else:
+            gate, up = self.gate_proj(x, routing), self.up_proj(x, routing)
+        return self.down_proj(F.silu(gate) * up, routing)
 
 
 class DecoderLayer(nn.Module):
