@@ -116,7 +116,11 @@ class LoraLinear(Projection):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, routing: AdapterRouting | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        return self.add_adapters(F.linear(x, self.weight, self.bias), x, routing)
+
+    def add_adapters(self, out: torch.Tensor, x: torch.Tensor, routing: AdapterRouting | None) -> torch.Tensor:
+        """The base output `out` plus the routed adapters' delta for `x`. `out` may be a slice of a
+        fused q/k/v or gate/up output (backbone/fused_projections.py); it is updated in place."""
         if routing is None:
             return out
         # Rank 0: none of the batch's adapters targets this module (e.g. q/v-only adapters on an MLP).
@@ -181,12 +185,17 @@ class LoraLinear(Projection):
         # order and run batched matmuls over views of the stacks (no weight gathers, and no
         # compute spent on adapters a row does not use), then add the deltas back by row.
         rows, span = routing.rows_by_slot, routing.active_range
-        hidden = torch.bmm(x.index_select(0, rows), lora_A[span].transpose(1, 2))  # (U, 1, r)
+        in_order = routing.rows_in_slot_order  # row b on slot span.start + b: no gather, no scatter
+        hidden = torch.bmm(x if in_order else x.index_select(0, rows), lora_A[span].transpose(1, 2))  # (U, 1, r)
         scales = set(self.slot_scales[span])
-        if len(scales) == 1 and None not in scales:  # one scale for all (the usual alpha/r): index_add's alpha
-            return out.index_add_(0, rows, torch.bmm(hidden, lora_B[span].transpose(1, 2)), alpha=scales.pop())
-        hidden = hidden * self.lora_scale[span].to(x.dtype)[:, None, None]
-        return out.index_add_(0, rows, torch.bmm(hidden, lora_B[span].transpose(1, 2)))  # (B, 1, out)
+        scale = 1.0
+        if len(scales) == 1 and None not in scales:  # one scale for all (the usual alpha/r): the matmul's alpha
+            scale = scales.pop()
+        else:
+            hidden = hidden * self.lora_scale[span].to(x.dtype)[:, None, None]
+        if in_order:
+            return out.baddbmm_(hidden, lora_B[span].transpose(1, 2), alpha=scale)  # (B, 1, out) in place
+        return out.index_add_(0, rows, torch.bmm(hidden, lora_B[span].transpose(1, 2)), alpha=scale)
 
     def _add_one_adapter_decode_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # One adapter in the batch: views of its weights, no gathers, accumulated into the base

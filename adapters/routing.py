@@ -49,6 +49,10 @@ class AdapterRouting:
     # When every row on an adapter has an adapter of its own in consecutive slots: the row of each
     # of those slots, in slot order. Decode then runs each row through views of its own weights.
     rows_by_slot: torch.Tensor | None = field(init=False)
+    # rows_by_slot is 0..B-1: row b is on the b-th slot of active_range, so decode needs neither
+    # a gather of the rows' inputs nor a scatter of their deltas (the engine's usual full batch
+    # when requests took cache rows and slots in the same order).
+    rows_in_slot_order: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.slot_ids = self.slot_ids.long()
@@ -64,10 +68,14 @@ class AdapterRouting:
         consecutive = self.active_list == list(range(first, first + len(self.active_list)))
         self.active_range = slice(first, first + len(self.active_list)) if self.active_list and consecutive else None
         self.rows_by_slot = None
+        self.rows_in_slot_order = False
         if self.active_range is not None and self.rows_on_adapters == len(self.active_list):
             rows = (self.slot_ids >= 0).nonzero().squeeze(1)
             self.rows_by_slot = torch.empty_like(rows)
             self.rows_by_slot[self.row_to_active[rows]] = rows
+            self.rows_in_slot_order = self.rows_on_adapters == len(self.slot_ids) and bool(
+                (self.slot_ids == torch.arange(first, first + len(self.slot_ids), device=self.slot_ids.device)).all()
+            )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "AdapterRouting":
         """This routing with its tensors on `device`. Built on the host first, a batch's routing

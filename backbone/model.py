@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone.config import ModelConfig
+from backbone.fused_projections import FusedGroup
 from backbone.kv_cache import KVCache
+from backbone.logit_refinement import refine_top_logits
 from backbone.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 # What a projection receives besides its input: the adapter routing of the batch (defined by the
@@ -29,6 +31,10 @@ class Projection(nn.Linear):
 
     def forward(self, x: torch.Tensor, routing: Routing = None) -> torch.Tensor:  # noqa: ARG002
         return F.linear(x, self.weight, self.bias)
+
+    def add_adapters(self, out: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # noqa: ARG002
+        """`out` (this projection's base output for `x`) plus its adapters' delta: none here."""
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -56,6 +62,7 @@ class Attention(nn.Module):
         self.k_proj = Projection(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = Projection(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = Projection(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        self.fused_qkv: FusedGroup | None = None  # set by fuse_projections (backbone/fused_projections.py)
 
     def forward(
         self,
@@ -69,9 +76,14 @@ class Attention(nn.Module):
         routing: Routing,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x, routing).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x, routing).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, routing).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv.outputs(projections, x, routing)
+        else:
+            q, k, v = (projection(x, routing) for projection in projections)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v, positions, cache_rows, span=mask.shape[-1])
@@ -99,9 +111,14 @@ class MLP(nn.Module):
         self.gate_proj = Projection(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = Projection(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = Projection(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.fused_gate_up: FusedGroup | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, routing)) * self.up_proj(x, routing), routing)
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up.outputs((self.gate_proj, self.up_proj), x, routing)
+        else:
+            gate, up = self.gate_proj(x, routing), self.up_proj(x, routing)
+        return self.down_proj(F.silu(gate) * up, routing)
 
 
 class DecoderLayer(nn.Module):
@@ -166,7 +183,12 @@ class CausalLM(nn.Module):
         if logits_for == "last":
             index = torch.full((batch,), length - 1, device=hidden.device) if last_index is None else last_index
             hidden = hidden[torch.arange(batch, device=hidden.device), index][:, None]
-        return self.lm_head(hidden, routing)
+        logits = self.lm_head(hidden, routing)
+        if logits_for == "last" and logits.dtype != torch.float32:
+            # Next-token logits of a bf16/fp16 model: the top candidates in fp32, so greedy picks
+            # the model's argmax rather than the output rounding's (backbone/logit_refinement.py).
+            return refine_top_logits(logits, hidden, self.lm_head.weight, self.lm_head.bias)
+        return logits
 
     def hidden_states(
         self,
@@ -182,6 +204,8 @@ class CausalLM(nn.Module):
         row and there is no cache, so attention needs no mask of ours."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq)
+        # Computed in fp32, cast once here rather than in each layer (apply_rotary's cast is then free).
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = None if plain_causal else attention_mask(positions, with_cache=cache is not None, span=key_span)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, positions, cache, cache_rows, routing)

@@ -118,7 +118,9 @@ class Engine:
         # A padded prefill chunk may write up to prefill_chunk positions past a prompt's end.
         positions = self.max_context + config.prefill_chunk
         device = model.inv_freq.device
-        plan = plan_memory(model, config.max_running, positions, config.max_loras, config.max_lora_rank, config.prefill_chunk)
+        prefix_bytes = int(config.prefix_cache_mb * 2**20) if config.prefix_cache else 0
+        plan = plan_memory(model, config.max_running, positions, config.max_loras, config.max_lora_rank, config.prefill_chunk,
+                           prefix_bytes)  # fmt: skip
         check_device_memory(plan, device, config.gpu_memory_fraction)  # before anything is allocated
         layers = inject_lora(model, model.linear_modules(), num_slots=config.max_loras, max_rank=config.max_lora_rank)
         self._lock = threading.RLock()  # re-entered when an adapter call under it wakes the worker
@@ -142,7 +144,7 @@ class Engine:
         )  # fmt: skip
         self._prefix = None
         if config.prefix_cache:
-            self._prefix = PrefixCache(self._pool, config.prefix_block_tokens, int(config.prefix_cache_mb * 2**20))
+            self._prefix = PrefixCache(self._pool, config.prefix_block_tokens, prefix_bytes)
         stop_ids = set(tokenizer.eos_token_ids or model.config.eos_token_ids)
         self._runner = BatchRunner(
             model, self._pool, stop_ids, config.prefill_chunk, self._row_finished,

@@ -193,6 +193,8 @@ def test_batch_computes_only_up_to_the_largest_rank_in_use(length):
     "slot_ids",
     [
         [2, 0, 1],  # each row its own adapter, consecutive slots, rows out of slot order
+        [0, 1, 2, 3],  # the same with rows in slot order: no gather, no scatter (scales differ)
+        [1, 2, 3],  # in slot order from slot 1
         [-1, 3, 2, -1, 1],  # the same with rows on the base between them
         [0, 2, -1],  # distinct but not consecutive: the gather paths
         [1, 1, 2, 3, 3],  # shared adapters in consecutive slots: the dense path on views
@@ -242,6 +244,7 @@ def test_decode_gather_path_over_scattered_slots_matches_reference(slot_ids):
         [2, -1, 2],  # one adapter beside rows on the base: the masked path
         [3, 1, 2, 0],  # each row its own adapter, one scale for all: the scale as index_add's alpha
         [1, -1, 0],  # the same with a row on the base
+        [0, 1, 2, 3],  # rows in slot order: the scale as baddbmm's alpha, in place
     ],
 )
 def test_decode_with_the_scale_folded_into_a_matmul_matches_reference(slot_ids):
@@ -252,3 +255,11 @@ def test_decode_with_the_scale_folded_into_a_matmul_matches_reference(slot_ids):
     x = torch.randn(len(slot_ids), 1, 16)
     routing = AdapterRouting(torch.tensor(slot_ids))
     torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("slot_ids", "in_order"),
+    [([0, 1, 2], True), ([3, 4], True), ([1, 0, 2], False), ([0, 1, -1], False), ([0, 2, 3], False), ([0, 0, 1], False)],
+)
+def test_routing_knows_when_rows_are_in_slot_order(slot_ids, in_order):
+    assert AdapterRouting(torch.tensor(slot_ids)).rows_in_slot_order is in_order

@@ -28,6 +28,24 @@ def test_plan_counts_what_the_engine_allocates(model_dir, dtype):
     layers = engine.tiers._layers.values()
     slot_bytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.lora_A, layer.lora_B, layer.lora_scale))
     assert plan.lora_slot_bytes == slot_bytes
+    assert plan.prefix_cache_bytes == 0  # the plan's default: no prefix cache
+
+
+def test_the_prefix_cache_budget_counts_in_the_plan(model_dir):
+    model = load_model(model_dir)
+    without = plan_memory(model, 3, 72, 2, 8, 8)
+    with_cache = plan_memory(model, 3, 72, 2, 8, 8, prefix_cache_bytes=5 * 2**20)
+    assert with_cache.total_bytes - without.total_bytes == 5 * 2**20
+    assert "prefix cache 3.00 GiB" in _refusal(plan_memory(model, 3, 72, 2, 8, 8, prefix_cache_bytes=3 * GIB))
+    config = EngineConfig(max_running=3, max_loras=2, max_lora_rank=8, prefill_chunk=8, max_context=64, prefix_cache_mb=5)
+    engine = Engine(model, Tokenizer.from_folder(model_dir), config, "tiny")
+    assert engine._prefix.stats().budget_bytes == with_cache.prefix_cache_bytes  # what the cache may fill
+
+
+def _refusal(plan) -> str:
+    with pytest.raises(DeviceMemoryError) as caught:
+        check_fits(plan, "cuda:0", free_bytes=0, total_bytes=plan.total_bytes, fraction=1.0)
+    return str(caught.value)
 
 
 def test_a_plan_that_does_not_fit_names_the_numbers_and_the_fix(model_dir):
@@ -40,7 +58,7 @@ def test_a_plan_that_does_not_fit_names_the_numbers_and_the_fix(model_dir):
     assert "\n" not in message
     assert f"needs {plan.total_bytes / GIB:.2f} GiB on cuda:0" in message
     assert "KV cache 16 rows x 8192 positions" in message and "LoRA slots 8 x rank 64" in message
-    assert "lower --max-running, --max-context, --max-loras or --max-lora-rank, or raise --gpu-memory-fraction" in message
+    assert "lower --max-running, --max-context, --max-loras, --max-lora-rank or --prefix-cache-mb, or raise --gpu-memory-fraction" in message
 
 
 def test_memory_fraction_outside_0_1_is_refused(model_dir):
