@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from router.experiments import experiment_from_json, with_buckets
 from server.cli import main
 from server.experiment_store import ExperimentStore
