@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     variants = make_variants(model_dir, work / "adapters", args.variants)
     replica = start_replica(work, ["--model", str(model_dir), "--served-model-name", "base", "--dtype", args.dtype,
                                    "--adapter-root", str(work / "adapters"), "--max-loras", str(args.adapters + 2),
-                                   "--no-dashboard"])
+                                   "--no-dashboard", "--prefix-cache-mb", str(args.prefix_cache_mb)])
     try:
         wait_ready([replica], timeout=600)
         soak = Soak(replica.url, "base", args.max_tokens)
@@ -270,7 +270,7 @@ def summarize(args, soak: Soak, outcomes: list[Outcome], rss, caches, swaps, bas
     distinct = sum(len({answers[key] for answers in expected.values()}) == len(expected) for key in expected[0])
     return {
         "minutes": args.minutes, "model": args.model, "dtype": args.dtype, "clients": args.clients,
-        "adapters": args.adapters, "variants": args.variants, "swap_every_s": args.swap_every, "max_tokens": args.max_tokens,
+        "adapters": args.adapters, "variants": args.variants, "swap_every_s": args.swap_every, "prefix_cache_mb": args.prefix_cache_mb, "max_tokens": args.max_tokens,
         "load_average": os.getloadavg(),
         "requests": len(outcomes), "failures": sum(not o.ok for o in outcomes),
         "failure_examples": [o.error for o in outcomes if not o.ok][:5],
@@ -298,6 +298,9 @@ def main() -> None:
     parser.add_argument("--swap-every", type=float, default=3.0, help="seconds between hot swaps")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client loops")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--prefix-cache-mb", type=int, default=256,
+                        help="the server's prefix cache budget; a small one fills early, so RSS growth after "
+                        "warm-up is not the cache filling")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     report = run(args)
