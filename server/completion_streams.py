@@ -73,6 +73,18 @@ def usage(plan: StreamPlan, finished: list[Finished]) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
+def _usage_chunk(
+    chunk_type: type[ChatCompletionChunk] | type[CompletionResponse], reply: Reply, plan: StreamPlan,
+    finished: dict[int, Finished],
+) -> str:
+    """`stream_options.include_usage`'s last chunk: no choices, the whole request's usage."""
+    last = chunk_type(
+        id=reply.id, created=reply.created, model=reply.model, choices=[],
+        usage=usage(plan, [finished[i] for i in range(plan.choices)]),
+    )  # fmt: skip
+    return _sse(last.model_dump(mode="json"))
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -131,11 +143,7 @@ async def stream_chat(
         else:
             yield chunk(index, ChunkDelta(), event.finish_reason)
     if reply.include_usage and len(finished) == plan.choices:
-        last = ChatCompletionChunk(
-            id=reply.id, created=reply.created, model=reply.model, choices=[],
-            usage=usage(plan, [finished[i] for i in range(plan.choices)]),
-        )  # fmt: skip
-        yield _sse(last.model_dump(mode="json"))
+        yield _usage_chunk(ChatCompletionChunk, reply, plan, finished)
     yield SSE_DONE
 
 
@@ -175,11 +183,7 @@ async def stream_completion(
         else:
             yield chunk(index, "", event.finish_reason)
     if reply.include_usage and len(finished) == plan.choices:
-        last = CompletionResponse(
-            id=reply.id, created=reply.created, model=reply.model, choices=[],
-            usage=usage(plan, [finished[i] for i in range(plan.choices)]),
-        )  # fmt: skip
-        yield _sse(last.model_dump(mode="json"))
+        yield _usage_chunk(CompletionResponse, reply, plan, finished)
     yield SSE_DONE
 
 
