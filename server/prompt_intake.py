@@ -27,6 +27,21 @@ def longest_token_bytes(tokenizer: Tokenizer) -> int:
     return max((len(token.encode("utf-8")) for token in vocab), default=1)
 
 
+def utf8_size(text: str, param: str) -> int:
+    """Bytes of `text` in UTF-8. JSON's \\uXXXX escapes can carry half of a surrogate pair, which
+    is no character at all: refuse it by name rather than with the codec's message."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        raise ApiError(
+            400,
+            f"{param} contains a lone UTF-16 surrogate (\\u{ord(bad):04x} at character {err.start}), which is not "
+            "valid Unicode text; send characters outside the Basic Multilingual Plane as a complete surrogate pair or as UTF-8",
+            param=param,
+        ) from None
+
+
 def check_prompt_bytes(size: int, tokenizer: Tokenizer, max_context: int, param: str) -> None:
     limit = max_context * longest_token_bytes(tokenizer) * NORMALIZER_MARGIN
     if size > limit:
@@ -42,7 +57,7 @@ def check_prompt_bytes(size: int, tokenizer: Tokenizer, max_context: int, param:
 async def chat_prompt_ids(
     tokenizer: Tokenizer, messages: list[dict[str, Any]], max_context: int, raw_special_tokens: bool
 ) -> list[int]:
-    size = sum(len(str(m.get(field) or "").encode("utf-8")) for m in messages for field in ("content", "name"))
+    size = sum(utf8_size(str(m.get(field) or ""), "messages") for m in messages for field in ("content", "name"))
     check_prompt_bytes(size, tokenizer, max_context, "messages")
     if raw_special_tokens:
         return await run_in_threadpool(
@@ -55,5 +70,5 @@ async def chat_prompt_ids(
 
 
 async def text_prompt_ids(tokenizer: Tokenizer, text: str, max_context: int) -> list[int]:
-    check_prompt_bytes(len(text.encode("utf-8")), tokenizer, max_context, "prompt")
+    check_prompt_bytes(utf8_size(text, "prompt"), tokenizer, max_context, "prompt")
     return await run_in_threadpool(tokenizer.encode, text, True)

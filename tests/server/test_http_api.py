@@ -296,6 +296,24 @@ def test_request_errors_use_openai_body(env):
         assert http.get("/v1/chat/completions").status_code == 405
 
 
+def test_lone_surrogate_is_a_400_naming_it(env):
+    # JSON's \ud800 escape decodes to half a surrogate pair: no character, so no UTF-8 either.
+    bodies = {
+        "/v1/completions": {"model": BASE, "prompt": "ok \ud800 ok"},
+        "/v1/chat/completions": {"model": BASE, "messages": [{"role": "user", "content": "ok \udfff"}]},
+    }
+    parts = {"model": BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": "ok \ud83d"}]}]}
+    with env.http() as http:
+        for path, body in [*bodies.items(), ("/v1/chat/completions", parts)]:
+            response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            error = error_of(response)
+            assert response.status_code == 400 and "lone UTF-16 surrogate" in error["message"], error
+            assert error["param"] in ("prompt", "messages")
+        # A complete pair is one character and is served.
+        paired = {"model": BASE, "prompt": "ok \ud83d\ude00", "max_tokens": 2}
+        assert http.post("/v1/completions", content=json.dumps(paired), headers={"content-type": "application/json"}).status_code == 200
+
+
 def test_body_over_limit_is_413(env):
     with env.http() as http:
         big = {"model": BASE, "prompt": "x" * 70_000}
