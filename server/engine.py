@@ -329,16 +329,23 @@ class Engine:
             self._finish_everything("the engine shut down")
 
     def _step(self) -> None:
-        self.tiers.collect()
+        self._collect_versions()
         for row in [row for row in self._rows if row.handle.cancelled]:
             self._runner.finish(row, "cancelled")
         self._admission.admit(self._rows, self.tiers.slot_for, self._start_row, self._end_unadmitted)
         if self._rows:
             step_isolating(self._runner.step, list(self._rows), lambda row, why: self._runner.finish(row, "error", error=why))
-        self.tiers.collect()  # versions whose last request just finished
+        self._collect_versions()  # versions whose last request just finished
         with self._lock:
             self._resident = self.tiers.resident()
             self._counters.steps += 1
+
+    def _collect_versions(self) -> None:
+        """Free released adapter versions (hot swapped, unloaded or unpinned, and no request holds
+        them): their slots and CPU copies, and their prefix blocks, which nothing can hit again."""
+        for key in self.tiers.collect():
+            if self._prefix is not None:
+                self._prefix.drop_version(key)
 
     def _start_row(self, pending: Pending, slot: int, newcomer: bool) -> None:
         params = pending.request.params

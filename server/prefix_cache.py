@@ -8,6 +8,10 @@ never reads the old version's blocks. Running rows hold references to the blocks
 so their chain stays intact while they extend it; a referenced block is never evicted. Eviction
 is least recently used among unreferenced blocks, and a chain is touched from its end back to
 its root, so within a chain the deepest blocks go first and a kept block's parents stay.
+
+A released adapter version's blocks can never be hit again, so they are not left to LRU: the
+owner `forget`s the version's namespace once no request can use it, which drops the namespace's
+unreferenced blocks at once and each referenced one at its last release.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def chain_keys(namespace: str, tokens: Sequence[int], block_size: int, blocks: i
 class _Block:
     payload: Any
     nbytes: int
+    namespace: str  # the chain's root: an adapter's name@version, or the base
     refs: int = 0
+    forgotten: bool = False  # its namespace was released while a row held it: dropped at its last release
 
 
 class PrefixIndex:
@@ -50,8 +56,10 @@ class PrefixIndex:
             raise ValueError(f"prefix cache budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # oldest use first
+        self._by_namespace: dict[str, set[bytes]] = {}  # so a released version's blocks are found without a scan
         self.nbytes = 0
-        self.evictions = 0
+        self.evictions = 0  # blocks dropped for room
+        self.forgotten_blocks = 0  # blocks dropped because their namespace was released
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -61,6 +69,10 @@ class PrefixIndex:
 
     def refs(self, key: bytes) -> int:
         return self._blocks[key].refs
+
+    def blocks_of(self, namespace: str) -> int:
+        """Blocks kept for chains rooted at `namespace` (in use or not)."""
+        return len(self._by_namespace.get(namespace, ()))
 
     def match(self, keys: Sequence[bytes]) -> int:
         """How many leading keys of a chain are cached (a chain is only usable from its root)."""
@@ -84,16 +96,33 @@ class PrefixIndex:
             if block.refs <= 0:
                 raise ValueError("prefix block released more often than acquired")
             block.refs -= 1
+            if block.forgotten and block.refs == 0:
+                self._drop(key)
+                self.forgotten_blocks += 1
+
+    def forget(self, namespace: str) -> int:
+        """Drop the blocks of a namespace no new row will look up (a released adapter version):
+        the unreferenced ones now, a referenced one at its last release. Returns the bytes freed now."""
+        freed = 0
+        for key in list(self._by_namespace.get(namespace, ())):
+            block = self._blocks[key]
+            if block.refs:
+                block.forgotten = True
+                continue
+            freed += block.nbytes
+            self._drop(key)
+            self.forgotten_blocks += 1
+        return freed
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark a chain as just used, its root most recently (so its leaves are evicted first)."""
         for key in reversed(keys):
             self._blocks.move_to_end(key)
 
-    def insert(self, key: bytes, nbytes: int, make_payload: Any) -> bool:
-        """Add a block, evicting unreferenced blocks as the budget needs. `make_payload()` is
-        called only once room is made. False (nothing changes but evictions) when the block
-        cannot fit because every other block is in use."""
+    def insert(self, key: bytes, namespace: str, nbytes: int, make_payload: Any) -> bool:
+        """Add a block of `namespace`'s chain, evicting unreferenced blocks as the budget needs.
+        `make_payload()` is called only once room is made. False (nothing changes but evictions)
+        when the block cannot fit because every other block is in use."""
         if key in self._blocks:
             raise ValueError("prefix block is already cached; acquire it instead")
         if nbytes > self.budget_bytes:
@@ -102,8 +131,17 @@ class PrefixIndex:
             victim = next((k for k, block in self._blocks.items() if block.refs == 0), None)
             if victim is None:
                 return False
-            self.nbytes -= self._blocks.pop(victim).nbytes
+            self._drop(victim)
             self.evictions += 1
-        self._blocks[key] = _Block(make_payload(), nbytes)
+        self._blocks[key] = _Block(make_payload(), nbytes, namespace)
+        self._by_namespace.setdefault(namespace, set()).add(key)
         self.nbytes += nbytes
         return True
+
+    def _drop(self, key: bytes) -> None:
+        block = self._blocks.pop(key)
+        self.nbytes -= block.nbytes
+        keys = self._by_namespace[block.namespace]
+        keys.discard(key)
+        if not keys:
+            del self._by_namespace[block.namespace]

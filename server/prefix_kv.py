@@ -15,6 +15,7 @@ worker thread; `stats()` may be read from any thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -26,7 +27,8 @@ from server.prefix_cache import BASE_NAMESPACE, PrefixIndex, chain_keys
 class PrefixCacheStats:
     hit_tokens: int  # prompt tokens whose KV came from the cache
     miss_tokens: int  # prompt tokens prefilled by the model
-    evictions: int
+    evictions: int  # blocks dropped for room (LRU)
+    dropped_blocks: int  # blocks dropped because their adapter version was released
     blocks: int
     nbytes: int
     budget_bytes: int
@@ -85,11 +87,13 @@ class PrefixCache:
         """Once a row's whole prompt is in its cache: keep the full blocks not cached yet."""
         self._done_computing(row)
         held = row.prefix_keys if row.prefix_keys is not None else []
-        keys = chain_keys(_namespace(row), row.prompt, self.block_size)
+        namespace = _namespace(row)
+        keys = chain_keys(namespace, row.prompt, self.block_size)
         for block in range(len(held), len(keys)):
             key = keys[block]
             # Another row with the same prefix may have stored it meanwhile.
-            if key not in self.index and not self.index.insert(key, self.block_bytes, lambda b=block: self._copy_out(row, b)):
+            copy_out = partial(self._copy_out, row, block)  # run only once there is room
+            if key not in self.index and not self.index.insert(key, namespace, self.block_bytes, copy_out):
                 break  # full of blocks in use; a later block would have no parent
             self.index.acquire([key])
             held.append(key)
@@ -103,11 +107,17 @@ class PrefixCache:
             self.index.release(row.prefix_keys)
         row.prefix_keys = None
 
+    def drop_version(self, key: str) -> None:
+        """An adapter version ("name@version") was released: no request can hit its blocks again,
+        so they go now instead of waiting for LRU (a block a row still holds, at its release)."""
+        self.index.forget(key)
+
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(
             hit_tokens=self.hit_tokens,
             miss_tokens=self.miss_tokens,
             evictions=self.index.evictions,
+            dropped_blocks=self.index.forgotten_blocks,
             blocks=len(self.index),
             nbytes=self.index.nbytes,
             budget_bytes=self.index.budget_bytes,
