@@ -8,7 +8,14 @@ speed), where recomputing it is a full forward pass over those tokens through ev
 copy keeps the fast decode path and costs a small fraction of the prefill it saves.
 
 Only full blocks of the prompt are kept, and a hit always leaves at least the prompt's last token
-to compute, since its logits give the first generated token. Called only from the engine's
+to compute, since its logits give the first generated token.
+
+The kept blocks have a budget of their own (`--prefix-cache-mb`) beside the running rows' cache,
+which is allocated for every row at once (at the full context on a GPU). Growing the blocks'
+budget while rows are idle would not share memory but add to it, as long as blocks are tensors
+of their own: a shared budget needs blocks that live in idle rows' memory (a finished row's
+prompt blocks left in place until the row is handed out again, then moved to a row that holds
+them or copied into the kept budget, else dropped). Called only from the engine's
 worker thread; `stats()` may be read from any thread.
 """
 
