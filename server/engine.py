@@ -63,7 +63,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9  # share of a GPU's memory the server may use (KV cache, slots, activations)
     tenant_limits: TenantLimitTable = field(default_factory=TenantLimitTable)  # per-tenant rows and queue (fair_queue)
     prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before, per adapter version
-    prefix_cache_mb: float = 256.0  # kept prefix blocks, beyond the running rows' own cache
+    prefix_cache_mb: float = 256.0  # prefix blocks moved out of cache rows reused by new requests (idle rows keep theirs free)
     prefix_block_tokens: int = 16  # cache granularity: a prefix is reused in whole blocks
 
 
@@ -359,6 +359,8 @@ class Engine:
             generator=params.make_generator(),
             newcomer=newcomer,
         )
+        if self._prefix is not None:
+            self._prefix.reclaim(row)  # prefix blocks kept in the cache row's memory, before it is written
         with self._lock:  # stats() reads the rows from other threads
             self._rows.append(row)
 

@@ -97,6 +97,41 @@ def test_block_larger_than_the_budget_is_refused():
     assert len(index) == 0 and index.nbytes == 0
 
 
+def test_blocks_kept_outside_the_budget_cost_nothing_and_are_never_evicted_for_room():
+    index = PrefixIndex(20)
+    assert _insert(index, b"row", nbytes=0)  # kept in a cache row's memory
+    assert _insert(index, b"a") and _insert(index, b"b") and _insert(index, b"c")
+    assert b"row" in index and b"a" not in index  # the oldest block with bytes of its own went
+    assert index.nbytes == 20 and index.unbudgeted_blocks == 1 and index.evictions == 1
+
+
+def test_spill_evicts_only_blocks_used_less_recently():
+    index = PrefixIndex(20)
+    _insert(index, b"old")
+    _insert(index, b"row", nbytes=0)
+    _insert(index, b"new")
+    assert index.spill(b"row", 10, lambda: "copied")  # "old" is older: it makes the room
+    assert b"old" not in index and index.payloads([b"row"]) == ["copied"] and index.nbytes == 20
+    assert index.unbudgeted_blocks == 0 and index.evictions == 1
+    _insert(index, b"row2", nbytes=0)
+    index.touch([b"row", b"new"])  # both used more recently than row2: it cannot push them out
+    assert not index.spill(b"row2", 10, lambda: "copied")
+    assert b"row2" not in index and index.nbytes == 20 and index.evictions == 2
+
+
+def test_only_unreferenced_blocks_outside_the_budget_spill_and_only_those_move():
+    index = PrefixIndex(100)
+    _insert(index, b"row", nbytes=0)
+    _insert(index, b"own")
+    index.acquire([b"row"])
+    with pytest.raises(ValueError, match="unreferenced"):
+        index.spill(b"row", 10, lambda: "copied")
+    index.rehome(b"row", "elsewhere")
+    assert index.payloads([b"row"]) == ["elsewhere"]
+    with pytest.raises(ValueError, match="moves between homes"):
+        index.rehome(b"own", "elsewhere")
+
+
 def test_forgetting_a_namespace_drops_its_blocks_and_no_other():
     index = PrefixIndex(1000)
     old = _insert_chain(index, "a@1", list(range(12))) + _insert_chain(index, "a@1", list(range(50, 58)))

@@ -68,12 +68,17 @@ def test_hot_swap_drops_the_old_versions_blocks_and_no_others(model_dir, adapter
     before = engine.stats().prefix_cache
     assert _blocks(engine, "x@1") == 2 * BLOCKS_PER_PROMPT
     assert _blocks(engine, "y@1") == _blocks(engine, BASE_NAMESPACE) == BLOCKS_PER_PROMPT
+    # Three rows for four requests: the fourth reused the first one's row, whose blocks moved
+    # into the budget; the others are still kept in their (now idle) rows.
+    budgeted = engine._prefix.index.bytes_of("x@1") // engine._prefix.block_bytes
+    assert budgeted == BLOCKS_PER_PROMPT
 
     engine.register_adapter("x", adapter_dirs["b"])  # x@2
     engine._step()
     after = engine.stats().prefix_cache
     assert _blocks(engine, "x@1") == 0
-    assert before.nbytes - after.nbytes == 2 * BLOCKS_PER_PROMPT * engine._prefix.block_bytes
+    assert before.nbytes - after.nbytes == budgeted * engine._prefix.block_bytes
+    assert before.row_blocks - after.row_blocks == 2 * BLOCKS_PER_PROMPT - budgeted
     assert after.dropped_blocks == after.blocks and after.blocks == before.blocks - 2 * BLOCKS_PER_PROMPT
     assert _blocks(engine, "y@1") == _blocks(engine, BASE_NAMESPACE) == BLOCKS_PER_PROMPT
     assert after.evictions == 0
