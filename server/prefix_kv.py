@@ -10,10 +10,11 @@ copy keeps the fast decode path and costs a small fraction of the prefill it sav
 One budget with the running rows: the cache rows are allocated for every row at once (at the full
 context on a GPU), so a block is kept where its row computed it, at no cost, for as long as that
 row's memory is not needed: while the row runs (its prompt positions never change) and after it
-ends, while the row is idle. Only when the pool hands the row to a new request do its blocks move
-out: to a running row that holds the block (the same positions of its own cache hold the same
-keys and values, so nothing is copied), else into the prefix cache's own budget
-(`--prefix-cache-mb`, LRU), else they are evicted. Idle rows' memory thus serves as prefix cache
+ends, while the row is idle. When the pool hands the row to a new request, its blocks that begin
+the new prompt stay (the request reuses them without a copy) and the others move out: to a
+running row that holds the block (the same positions of its own cache hold the same keys and
+values, so nothing is copied), else into the prefix cache's own budget (`--prefix-cache-mb`,
+LRU), else they are evicted. Idle rows' memory thus serves as prefix cache
 and rows in use take it back; the total stays the rows' cache plus the budget, as planned at start.
 
 Only full blocks of the prompt are kept, and a hit always leaves at least the prompt's last token
