@@ -217,8 +217,9 @@ class AdapterTiers:
         """worker: a running request on `info` finished."""
         self.slots.release(info.key)
 
-    def collect(self) -> None:
-        """worker: drop retired versions nothing holds; apply pins."""
+    def collect(self) -> set[str]:
+        """worker: drop retired versions nothing holds; apply pins. Returns the keys of the
+        versions dropped: from now on no request, queued or running, can use them."""
         with self._lock:
             idle = {key for key in self._retired if self._holds[key] == 0}
             self._retired -= idle
@@ -246,6 +247,7 @@ class AdapterTiers:
             elif self.slots.can_place():
                 self._place(info.key, weights)
                 self.slots.pin(info.key)
+        return idle
 
     def resident(self) -> list[ResidentAdapter]:
         """worker: the slot table."""

@@ -42,7 +42,8 @@ def plan_memory(
     model: CausalLM, rows: int, positions: int, slots: int, max_rank: int, prefill_chunk: int, prefix_cache_bytes: int = 0
 ) -> MemoryPlan:
     """What the engine will allocate on the model's device besides the weights. The prefix cache
-    fills up to its budget with blocks kept on the same device, so the budget counts in full."""
+    fills up to its budget with blocks kept on the same device, so the budget counts in full; the
+    blocks it keeps in idle cache rows cost nothing beyond the KV cache (server/prefix_kv.py)."""
     config = model.config
     element = model.lm_head.weight.element_size()  # the KV cache and the slots are in the model dtype
     kv = 2 * config.num_hidden_layers * rows * config.num_key_value_heads * positions * config.head_dim * element

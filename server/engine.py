@@ -63,7 +63,7 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.9  # share of a GPU's memory the server may use (KV cache, slots, activations)
     tenant_limits: TenantLimitTable = field(default_factory=TenantLimitTable)  # per-tenant rows and queue (fair_queue)
     prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before, per adapter version
-    prefix_cache_mb: float = 256.0  # kept prefix blocks, beyond the running rows' own cache
+    prefix_cache_mb: float = 256.0  # prefix blocks moved out of cache rows reused by new requests (idle rows keep theirs free)
     prefix_block_tokens: int = 16  # cache granularity: a prefix is reused in whole blocks
 
 
@@ -329,16 +329,23 @@ class Engine:
             self._finish_everything("the engine shut down")
 
     def _step(self) -> None:
-        self.tiers.collect()
+        self._collect_versions()
         for row in [row for row in self._rows if row.handle.cancelled]:
             self._runner.finish(row, "cancelled")
         self._admission.admit(self._rows, self.tiers.slot_for, self._start_row, self._end_unadmitted)
         if self._rows:
             step_isolating(self._runner.step, list(self._rows), lambda row, why: self._runner.finish(row, "error", error=why))
-        self.tiers.collect()  # versions whose last request just finished
+        self._collect_versions()  # versions whose last request just finished
         with self._lock:
             self._resident = self.tiers.resident()
             self._counters.steps += 1
+
+    def _collect_versions(self) -> None:
+        """Free released adapter versions (hot swapped, unloaded or unpinned, and no request holds
+        them): their slots and CPU copies, and their prefix blocks, which nothing can hit again."""
+        for key in self.tiers.collect():
+            if self._prefix is not None:
+                self._prefix.drop_version(key)
 
     def _start_row(self, pending: Pending, slot: int, newcomer: bool) -> None:
         params = pending.request.params
@@ -352,6 +359,8 @@ class Engine:
             generator=params.make_generator(),
             newcomer=newcomer,
         )
+        if self._prefix is not None:
+            self._prefix.reclaim(row)  # prefix blocks kept in the cache row's memory, before it is written
         with self._lock:  # stats() reads the rows from other threads
             self._rows.append(row)
 

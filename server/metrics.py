@@ -177,7 +177,17 @@ def _prefix_cache_metrics(prefix: Any) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "loraplex_prefix_cache_evictions", "Prefix-cache blocks evicted for room", value=prefix.evictions
     )
-    yield _gauge("loraplex_prefix_cache_bytes", "Bytes of KV blocks kept by the prefix cache", prefix.nbytes)
+    yield CounterMetricFamily(
+        "loraplex_prefix_cache_dropped_blocks",
+        "Prefix-cache blocks dropped because their adapter version was released (hot swap, unload, last pin gone)",
+        value=prefix.dropped_blocks,
+    )
+    yield _gauge("loraplex_prefix_cache_blocks", "Prefix-cache blocks kept, in cache rows and in the budget", prefix.blocks)
+    yield _gauge(
+        "loraplex_prefix_cache_row_blocks", "Prefix-cache blocks kept in the memory of cache rows, outside the budget",
+        prefix.row_blocks,
+    )
+    yield _gauge("loraplex_prefix_cache_bytes", "Bytes of KV blocks kept in the prefix cache's budget", prefix.nbytes)
     yield _gauge("loraplex_prefix_cache_budget_bytes", "The prefix cache's byte budget", prefix.budget_bytes)
 
 

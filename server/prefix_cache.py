@@ -8,6 +8,14 @@ never reads the old version's blocks. Running rows hold references to the blocks
 so their chain stays intact while they extend it; a referenced block is never evicted. Eviction
 is least recently used among unreferenced blocks, and a chain is touched from its end back to
 its root, so within a chain the deepest blocks go first and a kept block's parents stay.
+
+A block's bytes count against the budget only when it has a payload of its own: a block kept
+where it was computed, in the memory of a KV-cache row (`nbytes` 0), costs the budget nothing and
+is never evicted for room; its owner moves it out (`rehome`, `spill`) before the row is reused.
+
+A released adapter version's blocks can never be hit again, so they are not left to LRU: the
+owner `forget`s the version's namespace once no request can use it, which drops the namespace's
+unreferenced blocks at once and each referenced one at its last release.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ def chain_keys(namespace: str, tokens: Sequence[int], block_size: int, blocks: i
 class _Block:
     payload: Any
     nbytes: int
+    namespace: str  # the chain's root: an adapter's name@version, or the base
     refs: int = 0
+    forgotten: bool = False  # its namespace was released while a row held it: dropped at its last release
 
 
 class PrefixIndex:
@@ -50,8 +60,11 @@ class PrefixIndex:
             raise ValueError(f"prefix cache budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # oldest use first
-        self.nbytes = 0
-        self.evictions = 0
+        self._by_namespace: dict[str, set[bytes]] = {}  # so a released version's blocks are found without a scan
+        self.nbytes = 0  # of the blocks with a payload of their own (<= budget_bytes)
+        self.unbudgeted_blocks = 0  # blocks kept in memory outside the budget (nbytes 0)
+        self.evictions = 0  # blocks dropped for room
+        self.forgotten_blocks = 0  # blocks dropped because their namespace was released
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -62,6 +75,14 @@ class PrefixIndex:
     def refs(self, key: bytes) -> int:
         return self._blocks[key].refs
 
+    def blocks_of(self, namespace: str) -> int:
+        """Blocks kept for chains rooted at `namespace` (in use or not)."""
+        return len(self._by_namespace.get(namespace, ()))
+
+    def bytes_of(self, namespace: str) -> int:
+        """Budget bytes of the blocks kept for chains rooted at `namespace`."""
+        return sum(self._blocks[key].nbytes for key in self._by_namespace.get(namespace, ()))
+
     def match(self, keys: Sequence[bytes]) -> int:
         """How many leading keys of a chain are cached (a chain is only usable from its root)."""
         for count, key in enumerate(keys):
@@ -71,6 +92,38 @@ class PrefixIndex:
 
     def payloads(self, keys: Sequence[bytes]) -> list[Any]:
         return [self._blocks[key].payload for key in keys]
+
+    def rehome(self, key: bytes, payload: Any) -> None:
+        """The same bytes, kept somewhere else outside the budget (a block moved between rows)."""
+        block = self._blocks[key]
+        if block.nbytes:
+            raise ValueError("only a block kept outside the budget moves between homes")
+        block.payload = payload
+
+    def spill(self, key: bytes, nbytes: int, make_payload: Any) -> bool:
+        """Give an unreferenced block kept outside the budget a payload of its own, evicting only
+        blocks used less recently than it; when that cannot make room, the block is evicted."""
+        block = self._blocks[key]
+        if block.refs or block.nbytes:
+            raise ValueError("only an unreferenced block kept outside the budget can spill into it")
+        room, victims = self.budget_bytes - self.nbytes, []
+        for other_key, other in self._blocks.items():
+            if room >= nbytes or other_key == key:
+                break
+            if other.refs == 0 and other.nbytes:
+                victims.append(other_key)
+                room += other.nbytes
+        if room < nbytes:
+            self._drop(key)
+            self.evictions += 1
+            return False
+        for victim in victims:
+            self._drop(victim)
+        self.evictions += len(victims)
+        block.payload, block.nbytes = make_payload(), nbytes
+        self.nbytes += nbytes
+        self.unbudgeted_blocks -= 1
+        return True
 
     def acquire(self, keys: Sequence[bytes]) -> None:
         """Hold cached blocks for a running row (they cannot be evicted until released)."""
@@ -84,26 +137,55 @@ class PrefixIndex:
             if block.refs <= 0:
                 raise ValueError("prefix block released more often than acquired")
             block.refs -= 1
+            if block.forgotten and block.refs == 0:
+                self._drop(key)
+                self.forgotten_blocks += 1
+
+    def forget(self, namespace: str) -> int:
+        """Drop the blocks of a namespace no new row will look up (a released adapter version):
+        the unreferenced ones now, a referenced one at its last release. Returns the bytes freed now."""
+        freed = 0
+        for key in list(self._by_namespace.get(namespace, ())):
+            block = self._blocks[key]
+            if block.refs:
+                block.forgotten = True
+                continue
+            freed += block.nbytes
+            self._drop(key)
+            self.forgotten_blocks += 1
+        return freed
 
     def touch(self, keys: Sequence[bytes]) -> None:
         """Mark a chain as just used, its root most recently (so its leaves are evicted first)."""
         for key in reversed(keys):
             self._blocks.move_to_end(key)
 
-    def insert(self, key: bytes, nbytes: int, make_payload: Any) -> bool:
-        """Add a block, evicting unreferenced blocks as the budget needs. `make_payload()` is
-        called only once room is made. False (nothing changes but evictions) when the block
-        cannot fit because every other block is in use."""
+    def insert(self, key: bytes, namespace: str, nbytes: int, make_payload: Any) -> bool:
+        """Add a block of `namespace`'s chain, evicting unreferenced blocks as the budget needs.
+        `make_payload()` is called only once room is made. False (nothing changes but evictions)
+        when the block cannot fit because every other block is in use."""
         if key in self._blocks:
             raise ValueError("prefix block is already cached; acquire it instead")
         if nbytes > self.budget_bytes:
             return False
         while self.nbytes + nbytes > self.budget_bytes:
-            victim = next((k for k, block in self._blocks.items() if block.refs == 0), None)
+            # Blocks kept outside the budget would free none of it.
+            victim = next((k for k, block in self._blocks.items() if block.refs == 0 and block.nbytes), None)
             if victim is None:
                 return False
-            self.nbytes -= self._blocks.pop(victim).nbytes
+            self._drop(victim)
             self.evictions += 1
-        self._blocks[key] = _Block(make_payload(), nbytes)
+        self._blocks[key] = _Block(make_payload(), nbytes, namespace)
+        self._by_namespace.setdefault(namespace, set()).add(key)
         self.nbytes += nbytes
+        self.unbudgeted_blocks += int(nbytes == 0)
         return True
+
+    def _drop(self, key: bytes) -> None:
+        block = self._blocks.pop(key)
+        self.nbytes -= block.nbytes
+        self.unbudgeted_blocks -= int(block.nbytes == 0)
+        keys = self._by_namespace[block.namespace]
+        keys.discard(key)
+        if not keys:
+            del self._by_namespace[block.namespace]

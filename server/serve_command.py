@@ -121,7 +121,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="let special-token text in chat messages become control tokens (default: plain text)")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                        help="do not reuse the KV of prompt prefixes between requests (on by default)")
-    serve.add_argument("--prefix-cache-mb", type=float, help="memory for kept prefix KV blocks (default 256)")
+    serve.add_argument("--prefix-cache-mb", type=float,
+                       help="memory for prefix KV blocks moved out of cache rows that new requests reuse "
+                       "(default 256; idle rows keep their blocks at no cost)")
     serve.set_defaults(run=run_serve)
 
 

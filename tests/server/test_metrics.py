@@ -92,7 +92,8 @@ def test_metrics_count_the_traffic_sent(tmp_path):
 
 
 def test_prefix_cache_counters_come_from_the_engine():
-    prefix = PrefixCacheStats(hit_tokens=96, miss_tokens=40, evictions=3, blocks=5, nbytes=500, budget_bytes=1000)
+    prefix = PrefixCacheStats(hit_tokens=96, miss_tokens=40, evictions=3, dropped_blocks=2, blocks=5, row_blocks=4, nbytes=500,
+                              budget_bytes=1000)
     stats = SimpleNamespace(queued=0, running=0, max_running=4, resident=[], max_loras=2, cpu_cache_entries=0,
                             disk_load_seconds_p50=None, disk_load_seconds_p95=None, running_adapters={},
                             waiting_adapters={}, slot_writes=0, disk_loads=0, prefix_cache=prefix)
@@ -102,6 +103,8 @@ def test_prefix_cache_counters_come_from_the_engine():
     assert value(found, "loraplex_prefix_cache_hit_tokens_total") == 96
     assert value(found, "loraplex_prefix_cache_miss_tokens_total") == 40
     assert value(found, "loraplex_prefix_cache_evictions_total") == 3
+    assert value(found, "loraplex_prefix_cache_dropped_blocks_total") == 2
+    assert value(found, "loraplex_prefix_cache_blocks") == 5 and value(found, "loraplex_prefix_cache_row_blocks") == 4
     assert value(found, "loraplex_prefix_cache_bytes") == 500
     stats.prefix_cache = None  # --no-prefix-cache: no series at all
     assert not any(name.startswith("loraplex_prefix") for name, _ in samples(metrics.exposition().decode()))
