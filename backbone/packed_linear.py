@@ -3,11 +3,12 @@
 `F.linear` in bf16 on the CPU runs oneDNN's matmul on the plain (out, in) weight, which oneDNN
 reorders into its blocked layout at every call: for a 16-row decode step that reorder costs as
 much as the product. Packing each weight once (`torch.ops.mkldnn._reorder_linear_weight`, the
-prepacking torch.compile's CPU backend does) and calling the packed linear gives the same bits
-(checked in tests/backbone/test_packed_linear.py) and, measured on an AVX-512-BF16 CPU without
-AMX, one thread, 16 rows, interleaved: lm_head (49152x576) 10.8 -> 5.8 ms, gate/up (3072x576)
-0.37 -> 0.29 ms, down (576x1536) 0.21 -> 0.15 ms; a whole default-model decode step 90 -> 60 ms
-(fp32: 149 ms). Prefill-sized inputs (1024 rows) run as fast as before.
+prepacking torch.compile's CPU backend does) and calling the packed linear gives the bits
+F.linear gives (tests/backbone/test_packed_linear.py) and, measured on an AVX-512-BF16 CPU
+without AMX, one thread, 16 rows, fastest of 30: lm_head (49152x576) 10.8 -> 5.8 ms, gate/up
+(3072x576) 0.37 -> 0.29 ms, down (576x1536) 0.21 -> 0.15 ms. A default-model decode step with
+every projection packed went from 90 to 60 ms (fp32: 149 ms; fastest of 21 interleaved steps).
+Prefill-sized inputs (1024 rows) run as fast as before.
 
 The price is memory: the packed copy sits beside the weight (the weight stays: checkpoints,
 adapter merges, the embedding and the fp32 logit refinement read it), so every packed weight is
