@@ -1,7 +1,8 @@
 """bf16 linear layers on the CPU with the weight in oneDNN's blocked layout, packed once.
 
-`F.linear` in bf16 on the CPU runs oneDNN's matmul on the plain (out, in) weight, which oneDNN
-reorders into its blocked layout at every call: for a 16-row decode step that reorder costs as
+`F.linear` in bf16 on the CPU runs oneDNN's brgemm matmul (avx512_core_bf16) on the plain
+(out, in) weight, which it copies into its blocked layout inside every call (ONEDNN_VERBOSE shows
+`wei:ba`; the packed weight is `AB16b64a2b`): for a 16-row decode step that copy costs about as
 much as the product. Packing each weight once (`torch.ops.mkldnn._reorder_linear_weight`, the
 prepacking torch.compile's CPU backend does) and calling the packed linear gives the bits
 F.linear gives (tests/backbone/test_packed_linear.py) and, measured on an AVX-512-BF16 CPU
