@@ -19,6 +19,7 @@ from backbone.config import ModelConfig
 from backbone.fused_projections import FusedGroup
 from backbone.kv_cache import KVCache
 from backbone.logit_refinement import refine_top_logits
+from backbone.packed_linear import linear
 from backbone.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 # What a projection receives besides its input: the adapter routing of the batch (defined by the
@@ -30,7 +31,7 @@ class Projection(nn.Linear):
     """nn.Linear whose forward accepts (and here ignores) the batch's adapter routing."""
 
     def forward(self, x: torch.Tensor, routing: Routing = None) -> torch.Tensor:  # noqa: ARG002
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def add_adapters(self, out: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # noqa: ARG002
         """`out` (this projection's base output for `x`) plus its adapters' delta: none here."""
