@@ -6,14 +6,12 @@ from collections.abc import Iterable
 
 from backbone.model import CausalLM
 
-from adapters.input_groups import group_lora_inputs
 from adapters.lora_layer import LoraLinear
 
 
 def inject_lora(model: CausalLM, module_names: Iterable[str], num_slots: int, max_rank: int) -> dict[str, LoraLinear]:
     """Replace each named linear module with a LoraLinear of `num_slots` slots of rank
-    `max_rank` (idempotent: a module already LoRA keeps its slots), and group the LoRA layers that
-    read the same input (adapters/input_groups.py). Returns name -> layer."""
+    `max_rank` (idempotent: a module already LoRA keeps its slots). Returns name -> layer."""
     linears = model.linear_modules()
     layers: dict[str, LoraLinear] = {}
     for name in module_names:
@@ -25,7 +23,6 @@ def inject_lora(model: CausalLM, module_names: Iterable[str], num_slots: int, ma
             module = LoraLinear(module, num_slots, max_rank).train(model.training)  # a new module starts in training mode
             setattr(model.get_submodule(parent_name), child, module)
         layers[name] = module
-    group_lora_inputs(model)
     return layers
 
 

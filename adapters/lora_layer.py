@@ -46,7 +46,6 @@ class LoraLinear(Projection):
         # Each slot's scale on the host, as set_slot wrote it (None = unknown, e.g. buffers written
         # directly): decode then folds the scale into a matmul's alpha instead of a separate multiply.
         self.slot_scales: list[float | None] = [None] * num_slots
-        self.slot_writes = 0  # counts changes of slot_ranks / slot_scales, for what caches them
         # Decode's views of the stacks by (slots, rank), built once: taking them anew in every
         # layer of every step cost more than the matmuls they feed. Kept with the stacks they view,
         # so replaced buffers (a `.to()`, a new group) are never read through stale views.
@@ -68,7 +67,6 @@ class LoraLinear(Projection):
         """Write one adapter's (r, in) / (out, r) weights into `slot`; None clears the slot (an
         adapter that does not target this module adds nothing here). `non_blocking`: copies from
         pinned host memory are queued on the current CUDA stream (server/slot_copies.py)."""
-        self.slot_writes += 1
         with torch.no_grad():
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
@@ -91,7 +89,6 @@ class LoraLinear(Projection):
         self.trainable_A[str(slot)] = nn.Parameter(self.lora_A[slot].float().clone())
         self.trainable_B[str(slot)] = nn.Parameter(self.lora_B[slot].float().clone())
         self.slot_ranks[slot] = self.max_rank  # training may fill any row
-        self.slot_writes += 1
 
     def freeze_trainable(self) -> None:
         """Copy trained parameters back into the buffers and drop them."""
@@ -101,7 +98,6 @@ class LoraLinear(Projection):
                 self.lora_B[int(key)].copy_(self.trainable_B[key])
         self.trainable_A.clear()
         self.trainable_B.clear()
-        self.slot_writes += 1
 
     def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Current (r_max, in) / (out, r_max) weights of a slot, trained values included."""
@@ -153,7 +149,7 @@ class LoraLinear(Projection):
             out = out + self._shared_delta(shared_x, routing, *self.slot_weights(routing.shared_slot))
         return out
 
-    def decode_view(self, key: tuple, make):
+    def _decode_view(self, key: tuple, make):
         """`make(lora_A, lora_B)`, a view of the stacks, built once per `key` (decode's hot path)."""
         lora_A, lora_B, views = self._decode_views
         if lora_A is not self.lora_A or lora_B is not self.lora_B:
@@ -175,7 +171,7 @@ class LoraLinear(Projection):
                 return out
             if scale is None:
                 return None
-            lora_A, lora_B_T = self.decode_view((slot, rank), lambda A, B: (A[slot, :rank], B[slot, :, :rank].T))
+            lora_A, lora_B_T = self._decode_view((slot, rank), lambda A, B: (A[slot, :rank], B[slot, :, :rank].T))
             hidden = F.linear(x.select(1, 0), lora_A)  # (B, r)
             out.select(1, 0).addmm_(hidden, lora_B_T, alpha=scale)  # (B, out), a view of out
             return out
@@ -189,7 +185,7 @@ class LoraLinear(Projection):
         scale = scales[0]
         if scale is None or scales.count(scale) != len(scales):
             return None
-        lora_A_T, lora_B_T = self.decode_view(
+        lora_A_T, lora_B_T = self._decode_view(
             (span.start, span.stop, rank), lambda A, B: (A[span, :rank].transpose(1, 2), B[span, :, :rank].transpose(1, 2))
         )
         return out.baddbmm_(torch.bmm(x, lora_A_T), lora_B_T, alpha=scale)  # (B, 1, out) in place

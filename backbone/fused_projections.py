@@ -35,7 +35,6 @@ class FusedGroup:
         if any(has_bias) and self.bias is None:
             raise ValueError("a fused group's projections must all have a bias or none")
         self.sizes = [p.out_features for p in projections]
-        self._starts = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
         start = 0
         for projection, size in zip(projections, self.sizes):
             projection.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
@@ -65,36 +64,15 @@ class FusedGroup:
     def outputs(self, projections: Sequence[nn.Module], x: torch.Tensor, routing: Any) -> list[torch.Tensor]:
         """Each projection's output for `x`, adapters included: one matmul when the group is intact."""
         if not self.intact(projections):
-            return grouped_outputs(projections, x, routing)
+            return [projection(x, routing) for projection in projections]
         out = F.linear(x, self.weight, self.bias)
-        slices = [out.narrow(-1, start, size) for start, size in zip(self._starts, self.sizes)]
-        if added_by_input_group(projections, slices, x, routing):
-            return slices
-        outputs = []
-        for projection, start, size in zip(projections, self._starts, self.sizes):
-            # A fresh narrow for each, taken after the previous slice's in-place add: autograd
-            # allows an in-place change of a single view, not of a view taken before another
-            # view's in-place change (training goes through here).
+        outputs, start = [], 0
+        for projection, size in zip(projections, self.sizes):
+            # narrow, not split: adapters add to their slice in place, which autograd allows on a
+            # single view but not on the outputs of a multi-view op (training goes through here).
             outputs.append(projection.add_adapters(out.narrow(-1, start, size), x, routing))
+            start += size
         return outputs
-
-
-def added_by_input_group(projections: Sequence[nn.Module], outputs: list[torch.Tensor], x: torch.Tensor, routing: Any) -> bool:
-    """Whether the projections' shared input group of LoRA layers (adapters/input_groups.py)
-    added all their adapters to `outputs` in one pass; False: nothing was added."""
-    group = projections[0].input_group if routing is not None else None
-    return group is not None and group.add_adapters(projections, outputs, x, routing)
-
-
-def grouped_outputs(projections: Sequence[nn.Module], x: torch.Tensor, routing: Any, fused: FusedGroup | None = None) -> list[torch.Tensor]:
-    """The outputs of projections that read the same input `x`: base matmuls fused where `fused`
-    holds their weights, adapters added by their input group where they have one."""
-    if fused is not None:
-        return fused.outputs(projections, x, routing)
-    outputs = [F.linear(x, projection.weight, projection.bias) for projection in projections]
-    if added_by_input_group(projections, outputs, x, routing):
-        return outputs
-    return [projection.add_adapters(out, x, routing) for projection, out in zip(projections, outputs)]
 
 
 def fuse_projections(model: nn.Module) -> bool:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone.config import ModelConfig
-from backbone.fused_projections import FusedGroup, grouped_outputs
+from backbone.fused_projections import FusedGroup
 from backbone.kv_cache import KVCache
 from backbone.logit_refinement import refine_top_logits
 from backbone.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
@@ -28,11 +28,6 @@ Routing = Any
 
 class Projection(nn.Linear):
     """nn.Linear whose forward accepts (and here ignores) the batch's adapter routing."""
-
-    # Set where projections that read the same input (q/k/v; gate/up) add their adapters in one
-    # pass (adapters/input_groups.py): its add_adapters(projections, outputs, x, routing) says
-    # whether it did. None: each projection adds its own.
-    input_group = None
 
     def forward(self, x: torch.Tensor, routing: Routing = None) -> torch.Tensor:  # noqa: ARG002
         return F.linear(x, self.weight, self.bias)
@@ -82,7 +77,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = grouped_outputs(projections, x, routing, self.fused_qkv)
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv.outputs(projections, x, routing)
+        else:
+            q, k, v = (projection(x, routing) for projection in projections)
         q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -116,7 +114,10 @@ class MLP(nn.Module):
         self.fused_gate_up: FusedGroup | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        gate, up = grouped_outputs((self.gate_proj, self.up_proj), x, routing, self.fused_gate_up)
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up.outputs((self.gate_proj, self.up_proj), x, routing)
+        else:
+            gate, up = self.gate_proj(x, routing), self.up_proj(x, routing)
         return self.down_proj(F.silu(gate) * up, routing)
 
 
