@@ -48,7 +48,7 @@ class LoraLinear(Projection):
         self.slot_scales: list[float | None] = [None] * num_slots
         # Decode's views of the stacks by (slots, rank), built once: taking them anew in every
         # layer of every step cost more than the matmuls they feed. Kept with the stacks they view,
-        # so replaced buffers (a `.to()`, a new group) are never read through stale views.
+        # so replaced buffers (a `.to()`, an assignment) are never read through stale views.
         self._decode_views: tuple[torch.Tensor, torch.Tensor, dict] = (self.lora_A, self.lora_B, {})
 
     @property
