@@ -46,9 +46,10 @@ class LoraLinear(Projection):
         # Each slot's scale on the host, as set_slot wrote it (None = unknown, e.g. buffers written
         # directly): decode then folds the scale into a matmul's alpha instead of a separate multiply.
         self.slot_scales: list[float | None] = [None] * num_slots
-        # Decode's views of the stacks by (slots, rank), built once: taking them anew in every
-        # layer of every step cost more than the matmuls they feed. Kept with the stacks they view,
-        # so replaced buffers (a `.to()`, an assignment) are never read through stale views.
+        # Decode's views of the stacks by (slots, rank), built once rather than in every layer of
+        # every step (at r=16 the Python work around decode's two matmuls took as long as they
+        # did). Kept with the stacks they view, so replaced buffers (a `.to()`, an assignment)
+        # are never read through stale views.
         self._decode_views: tuple[torch.Tensor, torch.Tensor, dict] = (self.lora_A, self.lora_B, {})
 
     @property
