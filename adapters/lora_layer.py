@@ -46,6 +46,11 @@ class LoraLinear(Projection):
         # Each slot's scale on the host, as set_slot wrote it (None = unknown, e.g. buffers written
         # directly): decode then folds the scale into a matmul's alpha instead of a separate multiply.
         self.slot_scales: list[float | None] = [None] * num_slots
+        # Decode's views of the stacks by (slots, rank), built once rather than in every layer of
+        # every step (at r=16 the Python work around decode's two matmuls took as long as they
+        # did). Kept with the stacks they view, so replaced buffers (a `.to()`, an assignment)
+        # are never read through stale views.
+        self._decode_views: tuple[torch.Tensor, torch.Tensor, dict] = (self.lora_A, self.lora_B, {})
 
     @property
     def num_slots(self) -> int:
@@ -123,6 +128,10 @@ class LoraLinear(Projection):
         fused q/k/v or gate/up output (backbone/fused_projections.py); it is updated in place."""
         if routing is None:
             return out
+        if x.shape[1] == 1 and routing.own_adapters_only and not self.trainable_A:
+            added = self._add_plain_decode_delta(out, x, routing)
+            if added is not None:
+                return added
         # Rank 0: none of the batch's adapters targets this module (e.g. q/v-only adapters on an MLP).
         rank = max((self.slot_ranks[slot] for slot in routing.active_list), default=0)
         # LoRA dropout touches the adapters' input only, and only while training.
@@ -140,6 +149,47 @@ class LoraLinear(Projection):
             # per-task gradient bins are computed against the parameters themselves.
             out = out + self._shared_delta(shared_x, routing, *self.slot_weights(routing.shared_slot))
         return out
+
+    def _decode_view(self, key: tuple, make):
+        """`make(lora_A, lora_B)`, a view of the stacks, built once per `key` (decode's hot path)."""
+        lora_A, lora_B, views = self._decode_views
+        if lora_A is not self.lora_A or lora_B is not self.lora_B:
+            lora_A, lora_B, views = self._decode_views = (self.lora_A, self.lora_B, {})
+        found = views.get(key)
+        if found is None:
+            found = views[key] = make(lora_A, lora_B)
+        return found
+
+    def _add_plain_decode_delta(self, out, x, routing: AdapterRouting) -> torch.Tensor | None:
+        # Serving's two usual decode batches with the least Python per layer (at r=16 the matmuls
+        # take microseconds, so the work around them counts): every row on one adapter, or every
+        # row on its own adapter in slot order. The scale rides on the matmul's alpha. None: the
+        # batch needs the general path (rows on the base, scales unknown or differing).
+        slot = routing.single_slot
+        if slot is not None:
+            rank, scale = self.slot_ranks[slot], self.slot_scales[slot]
+            if rank == 0:
+                return out
+            if scale is None:
+                return None
+            lora_A, lora_B_T = self._decode_view((slot, rank), lambda A, B: (A[slot, :rank], B[slot, :, :rank].T))
+            hidden = F.linear(x.select(1, 0), lora_A)  # (B, r)
+            out.select(1, 0).addmm_(hidden, lora_B_T, alpha=scale)  # (B, out), a view of out
+            return out
+        if not routing.rows_in_slot_order:
+            return None
+        span = routing.active_range
+        rank = max(self.slot_ranks[span])
+        if rank == 0:
+            return out
+        scales = self.slot_scales[span]
+        scale = scales[0]
+        if scale is None or scales.count(scale) != len(scales):
+            return None
+        lora_A_T, lora_B_T = self._decode_view(
+            (span.start, span.stop, rank), lambda A, B: (A[span, :rank].transpose(1, 2), B[span, :, :rank].transpose(1, 2))
+        )
+        return out.baddbmm_(torch.bmm(x, lora_A_T), lora_B_T, alpha=scale)  # (B, 1, out) in place
 
     def _add_per_row_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # Decode with rows sharing adapters (two or more rows per adapter on average) or with the

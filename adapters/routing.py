@@ -53,6 +53,12 @@ class AdapterRouting:
     # a gather of the rows' inputs nor a scatter of their deltas (the engine's usual full batch
     # when requests took cache rows and slots in the same order).
     rows_in_slot_order: bool = field(init=False)
+    # The one slot of a batch whose rows are all on the same adapter (none on the base), else None:
+    # decode's cheapest case, two matmuls on views of that slot.
+    single_slot: int | None = field(init=False)
+    # Each row adds only its own adapter (no shared slot, no dropout): serving's batches, and the
+    # condition for the decode fast paths.
+    own_adapters_only: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.slot_ids = self.slot_ids.long()
@@ -69,11 +75,14 @@ class AdapterRouting:
         self.active_range = slice(first, first + len(self.active_list)) if self.active_list and consecutive else None
         self.rows_by_slot = None
         self.rows_in_slot_order = False
+        every_row = self.rows_on_adapters == len(self.slot_ids)
+        self.single_slot = self.active_list[0] if len(self.active_list) == 1 and every_row else None
+        self.own_adapters_only = self.shared_slot is None and self.dropout is None
         if self.active_range is not None and self.rows_on_adapters == len(self.active_list):
             rows = (self.slot_ids >= 0).nonzero().squeeze(1)
             self.rows_by_slot = torch.empty_like(rows)
             self.rows_by_slot[self.row_to_active[rows]] = rows
-            self.rows_in_slot_order = self.rows_on_adapters == len(self.slot_ids) and bool(
+            self.rows_in_slot_order = every_row and bool(
                 (self.slot_ids == torch.arange(first, first + len(self.slot_ids), device=self.slot_ids.device)).all()
             )
 

@@ -166,6 +166,17 @@ def references(
     return report
 
 
+def round_ratio_summary(rounds: list[dict[int, float]]) -> dict:
+    """The median over rounds of each case's tokens/s over its own round's base, with the per-round
+    ratios themselves: their spread is the noise of the machine."""
+    summary = {}
+    for distinct in (1, 4, 16):
+        per_round = [ratio[distinct] for ratio in rounds]
+        summary[f"{distinct}_adapters_vs_base_median"] = round(statistics.median(per_round), 3)
+        summary[f"{distinct}_adapters_vs_base_per_round"] = [round(ratio, 3) for ratio in per_round]
+    return summary
+
+
 def ratios(report: dict) -> dict:
     """Every ratio the parts that ran allow, each between two figures of this run."""
     ours = report["ours"]
@@ -196,7 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--quick", action="store_true", help="smaller Zipf run and fewer registered adapters")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds of our cases (the fastest is kept)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed rounds of our cases, interleaved (the fastest of each is kept, and the median of per-round ratios reported)")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow) PEFT mixed-batch reference")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated parts to run (default all): {', '.join(SECTIONS)}")
@@ -256,16 +268,23 @@ def main() -> None:
             engine_run(engine, batch, [f"a{i}" for i in range(batch_size)], 2)  # every adapter resident
             engines[name] = engine
         results = {name: {} for name in engines}
+        round_ratios = {name: [] for name in engines}  # per round: each case's tokens/s over that round's base
         # Rounds interleave the cases and each keeps its fastest round: the machine is shared,
-        # and interleaving spreads a slow spell over all cases instead of one.
+        # and interleaving spreads a slow spell over all cases instead of one. A round runs the
+        # cases back to back, so its own ratios share one state of the machine: their median
+        # (beside the ratios of the fastest rounds) shows how much the noise moved them.
         for _ in range(args.rounds):
+            speeds = {name: {} for name in engines}
             for distinct in (0, 1, 4, 16):
                 adapters = [None if distinct == 0 else f"a{row % distinct}" for row in range(batch_size)]
                 for name, engine in engines.items():
                     run = engine_run(engine, batch, adapters, new_tokens)
+                    speeds[name][distinct] = run["tokens_per_s"]
                     best = results[name].get(f"{distinct}_adapters")
                     if best is None or run["seconds"] < best["seconds"]:
                         results[name][f"{distinct}_adapters"] = run
+            for name, speed in speeds.items():
+                round_ratios[name].append({d: speed[d] / speed[0] for d in (1, 4, 16)})
         if "bf16" in engines:
             report["bf16_greedy_agreement_with_fp32"] = greedy_agreement(engines["main"], engines["bf16"], tokenizer)
         stats = engines["main"].stats()
@@ -273,6 +292,9 @@ def main() -> None:
             engine.shutdown()
         ours = results["main"]
         report["ours"] = ours
+        report["ours_round_ratios"] = round_ratio_summary(round_ratios["main"])
+        if "bf16" in round_ratios:
+            report["ours_bfloat16_round_ratios"] = round_ratio_summary(round_ratios["bf16"])
         if "bf16" in results:
             report["ours_bfloat16"] = results["bf16"]
         report["hot_load"] = {

@@ -263,3 +263,48 @@ def test_decode_with_the_scale_folded_into_a_matmul_matches_reference(slot_ids):
 )
 def test_routing_knows_when_rows_are_in_slot_order(slot_ids, in_order):
     assert AdapterRouting(torch.tensor(slot_ids)).rows_in_slot_order is in_order
+
+
+@pytest.mark.parametrize(
+    ("slot_ids", "single_slot", "in_order"),
+    [([2, 2, 2], 2, False), ([2, -1, 2], None, False), ([0, 1, 2], None, True), ([1], 1, True), ([-1, -1], None, False)],
+)
+def test_routing_names_the_decode_fast_paths(slot_ids, single_slot, in_order):
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    assert (routing.single_slot, routing.rows_in_slot_order, routing.own_adapters_only) == (single_slot, in_order, True)
+    assert not AdapterRouting(torch.tensor(slot_ids), shared_slot=0).own_adapters_only
+
+
+@pytest.mark.parametrize("slot_ids", [[1, 1, 1], [0, 1, 2, 3], [1, 2]])  # one adapter; each row its own, in slot order
+@pytest.mark.parametrize("max_rank", [4, 8])  # the adapters at the slots' rank, and below it (trimmed views)
+def test_decode_fast_paths_over_mixed_ranks_match_reference(slot_ids, max_rank):
+    torch.manual_seed(2)
+    layer = LoraLinear(nn.Linear(16, 24, bias=True), num_slots=4, max_rank=max_rank)
+    for slot, rank in enumerate((2, 4, 1, 3)):
+        layer.set_slot(slot, torch.randn(rank, 16), torch.randn(24, rank), scale=1.5)
+    x = torch.randn(len(slot_ids), 1, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slot_ids", [[1, 1, 1], [0, 1, 2]])
+def test_decode_sees_a_hot_swap_between_steps_of_one_routing(slot_ids):
+    """The decode paths keep views of the slot stacks across steps: a slot written in place (a new
+    version, of another rank and scale), or stacks replaced outright, must be what the next step reads."""
+    torch.manual_seed(3)
+    layer = LoraLinear(nn.Linear(16, 24, bias=True), num_slots=3, max_rank=8)
+    for slot in range(3):
+        layer.set_slot(slot, torch.randn(4, 16), torch.randn(24, 4), scale=2.0)
+    x = torch.randn(len(slot_ids), 1, 16)
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+        for slot in range(3):  # the same rank and scale: the cached views themselves must see the new weights
+            layer.set_slot(slot, torch.randn(4, 16), torch.randn(24, 4), scale=2.0)
+        torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+        layer.set_slot(1, torch.randn(6, 16), torch.randn(24, 6), scale=2.0)  # another rank
+        torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+        layer.lora_B = layer.lora_B.clone() * 3  # replaced, as a `.to()` replaces buffers
+        torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+        layer.set_slot(1, torch.randn(6, 16), torch.randn(24, 6), scale=0.5)  # another scale
+        torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
