@@ -95,3 +95,28 @@ def test_bf16_model_logits_equal_those_without_packing(tiny_llama_dir, monkeypat
         plain = model(input_ids)
     assert id(model.lm_head.weight) in packed_linear._packed
     assert torch.equal(packed, plain)
+
+
+@needs_packing
+def test_bf16_lora_model_packs_fused_groups_and_lora_bases_with_the_same_logits(tiny_llama_dir, monkeypatch):
+    from adapters.injection import inject_lora
+    from adapters.routing import AdapterRouting
+
+    model = load_model(tiny_llama_dir, dtype=torch.bfloat16)
+    layers = inject_lora(model, [n for n in model.linear_modules() if "lm_head" not in n], num_slots=2, max_rank=4)
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers.values():
+        for slot in range(2):
+            layer.set_slot(slot, torch.randn(4, layer.in_features, generator=generator) * 0.1,
+                           torch.randn(layer.out_features, 4, generator=generator) * 0.1, 2.0)
+    input_ids = torch.tensor([[5, 9, 17, 33], [7, 7, 2, 40]])
+    routing = AdapterRouting(torch.tensor([0, 1]))
+    with torch.inference_mode():
+        packed = model(input_ids, routing=routing)
+        monkeypatch.setattr(packed_linear, "_packs", lambda *args: False)
+        plain = model(input_ids, routing=routing)
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.fused_qkv is not None and mlp.fused_gate_up is not None  # bf16 fuses them
+    for weight in (attention.fused_qkv.weight, mlp.fused_gate_up.weight, attention.o_proj.weight, mlp.down_proj.weight):
+        assert id(weight) in packed_linear._packed
+    assert torch.equal(packed, plain)
