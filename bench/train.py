@@ -4,18 +4,19 @@ linear modules, 4 tasks, the same token batches for every variant. Prints JSON.
 Throughput (each variant in its own process, so peak RSS is its own; the variants alternate over
 `--rounds` and each keeps its fastest step, since neighbours on a shared machine only add time):
   peft         the reference as a PEFT user runs it: transformers LlamaForCausalLM (sdpa attention,
-               use_cache=False, no gradient checkpointing) + PEFT get_peft_model (LoraConfig r=16,
+               its default; use_cache=False, as for training: the default True builds a KV cache
+               no step reads; no gradient checkpointing) + PEFT get_peft_model (LoraConfig r=16,
                alpha=32, "all-linear": the 7 projections of every layer, not the tied lm_head),
                model(input_ids, labels=...).loss (transformers' own loss: fp32 logits at every
                position, mean over the labelled tokens, the same loss as ours), backward, clip,
                torch AdamW. One adapter: PEFT trains one adapter per batch; all rows go through it.
-               The batch right-padded, no attention mask (causal attention keeps the padding after a
-               row's end out of its logits, and the mask-free path is sdpa's fastest)
+               The batch right-padded, no attention mask: causal attention keeps the padding after
+               a row's end out of its logits, and sdpa then takes its mask-free causal kernel
   peft_packed  the same, padding-free: the rows end to end in one sequence with position ids that
                restart per row (transformers' DataCollatorWithFlattening, TRL's padding_free), from
                which transformers builds a block-diagonal causal mask; no compute on padding
                Ours is compared with the stronger reference on each axis: the faster one's tokens/s,
-               the leaner one's peak RSS. Neither computes logits at prompt positions only, as ours
+               the leaner one's peak RSS. Neither computes logits at the answer positions only, as ours
                does: transformers' logits_to_keep keeps the last positions of every row alike,
                which does not fit rows of different lengths, and no PEFT recipe does it by default.
   ours_1task   our trainer, the same batch, one task adapter
