@@ -32,7 +32,11 @@ interleaved step by step so they see the same machine):
   pcgrad_T_backward  the reference way (LibMTL): one forward, T backward passes for the per-task
                gradients of the shared adapter, then PCGrad
 
-    .venv/bin/python bench/train.py [--quick] [--ablation] [--steps N] [--rows R] [--length L] [--device cuda --dtype bfloat16]
+With --interleaved, only the step times of peft, peft_packed and ours_4task, in one process, one
+step of each in turn (`--steps` rounds), so that all see the same machine; on a busy machine this
+compares them better than separate processes do (their peak RSS stays the separate runs' figure).
+
+    .venv/bin/python bench/train.py [--quick] [--ablation] [--interleaved] [--steps N] [--rows R] [--length L] [--device cuda --dtype bfloat16]
 
 With --device/--dtype, every variant's frozen base is in that dtype on that device (PEFT's too);
 the LoRA weights and AdamW state stay fp32 in all of them, as PEFT keeps them by default.
@@ -115,22 +119,58 @@ def reference_inputs(batch, packed: bool) -> dict[str, torch.Tensor]:
     return packed_inputs(batch) if packed else {"input_ids": batch.input_ids, "labels": hf_labels(batch)}
 
 
-def run_peft(folder: Path, batch, steps: int, dtype: torch.dtype, device: torch.device, packed: bool) -> list[float]:
-    model = peft_model(folder, dtype, device)
+def peft_step(model, batch, dtype: torch.dtype, device: torch.device, packed: bool):
+    """A closure running one reference training step on `batch`."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     inputs = {name: tensor.to(device) for name, tensor in reference_inputs(batch, packed).items()}
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         # transformers' own loss: fp32 logits, mean over the labelled tokens (= our sum / answer tokens)
         model(**inputs, use_cache=False).loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
+
+    return step
+
+
+def run_peft(folder: Path, batch, steps: int, dtype: torch.dtype, device: torch.device, packed: bool) -> list[float]:
+    step = peft_step(peft_model(folder, dtype, device), batch, dtype, device, packed)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        step()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times[1:]  # the first step warms up allocators and kernels
+
+
+def run_interleaved(folder: Path, batch, steps: int, dtype: torch.dtype, device: torch.device) -> dict[str, list[float]]:
+    """Step times of the references and our 4-task trainer in ONE process, step by step in turn, so
+    each sees the same machine: on a busy machine the load moves between processes' runs more than
+    the variants differ. The peak RSS stays the separate processes' figure."""
+    from training.length_buckets import MAX_PADDING
+    from training.step import train_step
+    from training.surgery import Surgery
+
+    reference = peft_model(folder, dtype, device)
+    model, adapters, optimizer = _our_setup(folder, TASKS, False, dtype, device)
+    surgery = Surgery("none", TASKS, seed=0)
+    kinds = {
+        "peft": peft_step(reference, batch, dtype, device, packed=False),
+        "peft_packed": peft_step(reference, batch, dtype, device, packed=True),
+        "ours_4task": lambda: train_step(model, adapters, optimizer, surgery, [batch], 1.0, 1.0, max_padding=MAX_PADDING),
+    }
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for round_index in range(steps + 1):
+        for name, step in kinds.items():
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_index:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _our_setup(folder: Path, tasks: int, shared: bool, dtype: torch.dtype, device: torch.device, fused_adamw: bool = True):
@@ -236,6 +276,12 @@ def child(args: argparse.Namespace) -> None:
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     batch = make_batch(args.rows, args.length, vocab, TASKS)
     tokens = int(batch.lengths.sum())
+    if args.variant == "interleaved":
+        times = run_interleaved(folder, batch, args.steps, dtype, device)
+        print(json.dumps({"variant": "interleaved", "tokens": tokens, **{name: {
+            "min_step_s": min(t), "median_step_s": sorted(t)[len(t) // 2], "tokens_per_s": tokens / min(t)} for name, t in times.items()},
+            "tokens_per_s_ours_4task_vs": {name: min(times[name]) / min(times["ours_4task"]) for name in REFERENCES}}))
+        return
     if args.variant == "surgery":
         best = run_surgery(folder, batch, args.steps, dtype, device)
         print(json.dumps({"variant": "surgery", **{f"{k}_step_s": v for k, v in best.items()}}))
@@ -263,11 +309,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the variants; each keeps its fastest")
     parser.add_argument("--ablation", action="store_true", help="also the 4-task trainer without each speed-up")
-    parser.add_argument("--variant", choices=VARIANTS + ABLATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", action="store_true", help="only the step times of the references and ours_4task, in one process, in turn")
+    parser.add_argument("--variant", choices=VARIANTS + ABLATIONS + ("interleaved",), help=argparse.SUPPRESS)
     add_precision_args(parser)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.rows, args.length, args.rounds = 2, 8, 64, 1
+    if args.interleaved:
+        args.variant = "interleaved"
     if args.variant:
         child(args)
         return
