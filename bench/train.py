@@ -34,7 +34,8 @@ interleaved step by step so they see the same machine):
 
 With --interleaved, only the step times of peft, peft_packed and ours_4task, in one process, one
 step of each in turn (`--steps` rounds), so that all see the same machine; on a busy machine this
-compares them better than separate processes do (their peak RSS stays the separate runs' figure).
+compares them under the same load (their peak RSS stays the separate runs' figure). The three share
+one heap and caches, so a variant's time here can differ from its time alone.
 
     .venv/bin/python bench/train.py [--quick] [--ablation] [--interleaved] [--steps N] [--rows R] [--length L] [--device cuda --dtype bfloat16]
 
