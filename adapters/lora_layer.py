@@ -47,7 +47,7 @@ class LoraLinear(Projection):
         # Each slot's scale on the host, as set_slot wrote it (None = unknown, e.g. buffers written
         # directly): decode then folds the scale into a matmul's alpha instead of a separate multiply.
         self.slot_scales: list[float | None] = [None] * num_slots
-        # Decode's views of the stacks by (slots, rank), built once rather than in every layer of
+        # Serving's views of the stacks by (slots, rank), built once rather than in every layer of
         # every step (at r=16 the Python work around decode's two matmuls took as long as they
         # did). Kept with the stacks they view, so replaced buffers (a `.to()`, an assignment)
         # are never read through stale views.
@@ -130,8 +130,8 @@ class LoraLinear(Projection):
         fused q/k/v or gate/up output (backbone/fused_projections.py); it is updated in place."""
         if routing is None:
             return out
-        if x.shape[1] == 1 and routing.own_adapters_only and not self.trainable_A:
-            added = self._add_plain_decode_delta(out, x, routing)
+        if routing.own_adapters_only and not self.trainable_A:
+            added = self._add_plain_serving_delta(out, x, routing)
             if added is not None:
                 return added
         # Rank 0: none of the batch's adapters targets this module (e.g. q/v-only adapters on an MLP).
@@ -162,11 +162,13 @@ class LoraLinear(Projection):
             found = views[key] = make(lora_A, lora_B)
         return found
 
-    def _add_plain_decode_delta(self, out, x, routing: AdapterRouting) -> torch.Tensor | None:
-        # Serving's two usual decode batches with the least Python per layer (at r=16 the matmuls
-        # take microseconds, so the work around them counts): every row on one adapter, or every
-        # row on its own adapter in slot order. The scale rides on the matmul's alpha. None: the
-        # batch needs the general path (rows on the base, scales unknown or differing).
+    def _add_plain_serving_delta(self, out, x, routing: AdapterRouting) -> torch.Tensor | None:
+        # Serving's two usual batches with the least Python per layer (at r=16 the matmuls take
+        # microseconds, so the work around them counts): every row on one adapter, or every row
+        # on its own adapter in slot order. Views of the stacks, no per-row weight gathers (a
+        # prefill step gathered a copy of A and B per row in every projection), and the scale
+        # rides on the matmul's alpha. None: the batch needs the general path (rows on the base,
+        # scales unknown or differing, a strided output of a multi-token step).
         slot = routing.single_slot
         if slot is not None:
             rank, scale = self.slot_ranks[slot], self.slot_scales[slot]
@@ -175,8 +177,14 @@ class LoraLinear(Projection):
             if scale is None:
                 return None
             lora_A, lora_B_T = self._decode_view((slot, rank), lambda A, B: (A[slot, :rank], B[slot, :, :rank].T))
-            hidden = F.linear(x.select(1, 0), lora_A)  # (B, r)
-            out.select(1, 0).addmm_(hidden, lora_B_T, alpha=scale)  # (B, out), a view of out
+            if x.shape[1] == 1:
+                hidden = F.linear(x.select(1, 0), lora_A)  # (B, r)
+                out.select(1, 0).addmm_(hidden, lora_B_T, alpha=scale)  # (B, out), a view of out
+                return out
+            if not out.is_contiguous():
+                return None  # a slice of a fused output: no flat view to accumulate into
+            hidden = F.linear(x, lora_A)  # (B, T, r)
+            out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, rank), lora_B_T, alpha=scale)
             return out
         if not routing.rows_in_slot_order:
             return None
@@ -191,7 +199,7 @@ class LoraLinear(Projection):
         lora_A_T, lora_B_T = self._decode_view(
             (span.start, span.stop, rank), lambda A, B: (A[span, :rank].transpose(1, 2), B[span, :, :rank].transpose(1, 2))
         )
-        return out.baddbmm_(torch.bmm(x, lora_A_T), lora_B_T, alpha=scale)  # (B, 1, out) in place
+        return out.baddbmm_(torch.bmm(x, lora_A_T), lora_B_T, alpha=scale)  # (B, T, out) in place
 
     def _add_per_row_delta(self, out, x, routing: AdapterRouting, lora_A, lora_B) -> torch.Tensor:
         # Decode with rows sharing adapters (two or more rows per adapter on average) or with the

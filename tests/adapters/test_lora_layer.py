@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters.injection import inject_lora
@@ -277,14 +278,22 @@ def test_routing_names_the_decode_fast_paths(slot_ids, single_slot, in_order):
 
 @pytest.mark.parametrize("slot_ids", [[1, 1, 1], [0, 1, 2, 3], [1, 2]])  # one adapter; each row its own, in slot order
 @pytest.mark.parametrize("max_rank", [4, 8])  # the adapters at the slots' rank, and below it (trimmed views)
-def test_decode_fast_paths_over_mixed_ranks_match_reference(slot_ids, max_rank):
+@pytest.mark.parametrize("length", [1, 5])  # decode, and a prefill chunk
+def test_serving_fast_paths_over_mixed_ranks_match_reference(slot_ids, max_rank, length):
     torch.manual_seed(2)
     layer = LoraLinear(nn.Linear(16, 24, bias=True), num_slots=4, max_rank=max_rank)
     for slot, rank in enumerate((2, 4, 1, 3)):
         layer.set_slot(slot, torch.randn(rank, 16), torch.randn(24, rank), scale=1.5)
-    x = torch.randn(len(slot_ids), 1, 16)
+    x = torch.randn(len(slot_ids), length, 16)
     routing = AdapterRouting(torch.tensor(slot_ids))
-    torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+    expected = reference_lora_forward(layer, x, routing)
+    torch.testing.assert_close(layer(x, routing), expected, atol=1e-5, rtol=1e-5)
+    # Into a slice of a wider output, as a fused q/k/v or gate/up group hands it over (strided).
+    wide = torch.zeros(len(slot_ids), length, 40)
+    wide[..., 8:32] = F.linear(x, layer.weight, layer.bias)
+    layer.add_adapters(wide.narrow(-1, 8, 24), x, routing)
+    torch.testing.assert_close(wide[..., 8:32], expected, atol=1e-5, rtol=1e-5)
+    assert not wide[..., :8].any() and not wide[..., 32:].any()
 
 
 @pytest.mark.parametrize("slot_ids", [[1, 1, 1], [0, 1, 2]])
