@@ -251,8 +251,9 @@ def main() -> None:
         # "main" runs in the flags' device and dtype (fp32 on the CPU by default); "bf16" is the
         # same engine in bfloat16 on the CPU, for the bf16 rows.
         dtypes = {"main": dtype, **({"bf16": torch.bfloat16} if "bf16" in sections else {})}
-        engines, register_seconds = {}, []
-        for name, engine_dtype in dtypes.items():
+        register_seconds: list[float] = []
+
+        def start_engine(engine_dtype: torch.dtype, timed: bool) -> Engine:
             # Rounds repeat the same prompts: the prefix cache (measured on its own workload above)
             # is off here, so every round prefills its whole prompts as the first one does.
             engine = Engine(load_model(model_dir, dtype=engine_dtype, device=device), tokenizer,
@@ -261,35 +262,44 @@ def main() -> None:
             for index, path in enumerate(paths):
                 started = time.perf_counter()
                 engine.register_adapter(f"a{index}", path)
-                if name == "main":  # the figure reported below
+                if timed:  # the figure reported below
                     register_seconds.append(time.perf_counter() - started)
             engine.start()
             engine_run(engine, batch[:4], [f"a{i}" for i in range(4)], 4)  # warm-up: kernels, slots
             engine_run(engine, batch, [f"a{i}" for i in range(batch_size)], 2)  # every adapter resident
-            engines[name] = engine
-        results = {name: {} for name in engines}
-        round_ratios = {name: [] for name in engines}  # per round: each case's tokens/s over that round's base
-        # Rounds interleave the cases and each keeps its fastest round: the machine is shared,
-        # and interleaving spreads a slow spell over all cases instead of one. A round runs the
-        # cases back to back, so its own ratios share one state of the machine: their median
-        # (beside the ratios of the fastest rounds) shows how much the noise moved them.
-        for _ in range(args.rounds):
-            speeds = {name: {} for name in engines}
-            for distinct in (0, 1, 4, 16):
-                adapters = [None if distinct == 0 else f"a{row % distinct}" for row in range(batch_size)]
-                for name, engine in engines.items():
+            return engine
+
+        results = {name: {} for name in dtypes}
+        round_ratios = {name: [] for name in dtypes}  # per round: each case's tokens/s over that round's base
+        stats = None
+        # Only one engine is alive at a time: each engine's worker owns an OpenMP team, and two
+        # teams on these cores make every small matmul of both pay a futex wake-up
+        # (server/compute_threads.py), which slowed the fp32 engine by a third beside an idle
+        # bf16 one. So every round starts each engine afresh, runs its cases and shuts it down.
+        # Rounds interleave the engines and each case keeps its fastest round: the machine is
+        # shared, and interleaving spreads a slow spell over all cases instead of one. A round
+        # runs an engine's cases back to back, so its own ratios share one state of the machine:
+        # their median (beside the ratios of the fastest rounds) shows how much the noise moved them.
+        for round_index in range(args.rounds):
+            for name, engine_dtype in dtypes.items():
+                engine = start_engine(engine_dtype, timed=round_index == 0 and name == "main")
+                speed = {}
+                for distinct in (0, 1, 4, 16):
+                    adapters = [None if distinct == 0 else f"a{row % distinct}" for row in range(batch_size)]
                     run = engine_run(engine, batch, adapters, new_tokens)
-                    speeds[name][distinct] = run["tokens_per_s"]
+                    speed[distinct] = run["tokens_per_s"]
                     best = results[name].get(f"{distinct}_adapters")
                     if best is None or run["seconds"] < best["seconds"]:
                         results[name][f"{distinct}_adapters"] = run
-            for name, speed in speeds.items():
                 round_ratios[name].append({d: speed[d] / speed[0] for d in (1, 4, 16)})
-        if "bf16" in engines:
-            report["bf16_greedy_agreement_with_fp32"] = greedy_agreement(engines["main"], engines["bf16"], tokenizer)
-        stats = engines["main"].stats()
-        for engine in engines.values():
-            engine.shutdown()
+                if stats is None and name == "main":
+                    stats = engine.stats()
+                engine.shutdown()
+        if "bf16" in dtypes:  # token ids only: here both engines may be alive, which slows but does not change them
+            main_engine, bf16_engine = start_engine(dtypes["main"], False), start_engine(torch.bfloat16, False)
+            report["bf16_greedy_agreement_with_fp32"] = greedy_agreement(main_engine, bf16_engine, tokenizer)
+            main_engine.shutdown()
+            bf16_engine.shutdown()
         ours = results["main"]
         report["ours"] = ours
         report["ours_round_ratios"] = round_ratio_summary(round_ratios["main"])
