@@ -51,6 +51,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -163,6 +164,12 @@ def run_interleaved(folder: Path, batch, steps: int, dtype: torch.dtype, device:
         "peft_packed": peft_step(reference, batch, dtype, device, packed=True),
         "ours_4task": lambda: train_step(model, adapters, optimizer, surgery, [batch], 1.0, 1.0, max_padding=MAX_PADDING),
     }
+    return step_times_in_turn(kinds, steps, device)
+
+
+def step_times_in_turn(kinds: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Each kind's step times over `steps` rounds, one step of each kind in turn per round, so
+    all kinds see the same state of the machine; a first round warms up and is not counted."""
     times: dict[str, list[float]] = {name: [] for name in kinds}
     for round_index in range(steps + 1):
         for name, step in kinds.items():
@@ -256,15 +263,7 @@ def run_surgery(folder: Path, batch, steps: int, dtype: torch.dtype, device: tor
         t_backward_pcgrad_step(model, adapters, optimizer, batch)
 
     kinds = {"plain": plain_step, "pcgrad": pcgrad_step, "pcgrad_T_backward": t_backward_step}
-    best = {name: float("inf") for name in kinds}
-    for round_index in range(steps + 1):
-        for name, step in kinds.items():
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            if round_index:  # round 0 warms up
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return {name: min(times) for name, times in step_times_in_turn(kinds, steps, device).items()}
 
 
 def child(args: argparse.Namespace) -> None:
