@@ -40,6 +40,7 @@ class Row:
     first_token_time: float | None = None
     ended: bool = False  # finish() has begun for this row
     prefix_keys: list[bytes] | None = None  # prefix-cache blocks this row holds; None = not looked up yet
+    prefix_chain: list[bytes] | None = None  # its prompt's full-block keys (server/prefix_kv.py), hashed once
     newcomer: bool = False  # in its first step, and its tenant had no row in the step before (server.prefill_order)
 
     @property

@@ -78,13 +78,11 @@ class PrefixCache:
         """Before a row's first prefill chunk: copy its longest cached prefix into its cache row
         and hold those blocks. False (nothing done) when another row is computing the row's
         next block right now: the row should wait a step and try again."""
-        namespace = _namespace(row)
-        usable = (len(row.prompt) - 1) // self.block_size  # the last prompt token is always computed
-        keys = chain_keys(namespace, row.prompt, self.block_size, usable)
+        keys = self._usable_chain(row)
         matched = self.index.match(keys)
         if matched < len(keys) and keys[matched] in self._in_flight:
             return False
-        computing = chain_keys(namespace, row.prompt, self.block_size)[matched:]
+        computing = self._chain(row)[matched:]
         for key in computing:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         self._computing[id(row)] = computing
@@ -117,7 +115,7 @@ class PrefixCache:
         self._done_computing(row)
         held = row.prefix_keys if row.prefix_keys is not None else []
         namespace = _namespace(row)
-        keys = chain_keys(namespace, row.prompt, self.block_size)
+        keys = self._chain(row)
         for block in range(len(held), len(keys)):
             key = keys[block]
             if key not in self.index:  # another row with the same prefix may have stored it meanwhile
@@ -146,7 +144,7 @@ class PrefixCache:
         in its memory stay where they are if they begin the new prompt (it will attach them), and
         otherwise move to a running row that holds them, else into the budget, else are evicted."""
         cache_row = row.cache_row
-        usable = chain_keys(_namespace(row), row.prompt, self.block_size, (len(row.prompt) - 1) // self.block_size)
+        usable = self._usable_chain(row)
         # A row that scores its prompt computes every position itself: nothing can stay in place.
         in_place = set() if row.scores_prompt else set(usable[: self.index.match(usable)])
         homed = self._homed.pop(cache_row, {})
@@ -180,6 +178,17 @@ class PrefixCache:
             nbytes=self.index.nbytes,
             budget_bytes=self.index.budget_bytes,
         )
+
+    def _chain(self, row: Row) -> list[bytes]:
+        """The keys of the row's full prompt blocks, hashed once per row (the row is looked up,
+        reclaimed for and stored with the same chain)."""
+        if row.prefix_chain is None:
+            row.prefix_chain = chain_keys(_namespace(row), row.prompt, self.block_size)
+        return row.prefix_chain
+
+    def _usable_chain(self, row: Row) -> list[bytes]:
+        """The blocks a hit may cover: the last prompt token is always computed, for its logits."""
+        return self._chain(row)[: (len(row.prompt) - 1) // self.block_size]
 
     def _hold(self, row: Row, keys: list[bytes]) -> None:
         self.index.acquire(keys)
