@@ -3,6 +3,11 @@
 The middle tier between the disk and the resident slots: a request whose adapter is here is one
 tensor copy away from a slot; one that is not waits for a disk read. Thread-safe, because loads
 finish on a background thread while the engine's worker reads.
+
+A held key (an adapter version an experiment pins) is never evicted: its folder may be overwritten
+after registration, so this copy may be the last of those bytes. Held entries count against
+`max_entries` like any other; the caller holds fewer than `max_entries` keys, so there is always
+an entry left for the adapters in rotation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class CpuAdapterCache:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.max_entries = max_entries
         self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._held: set[str] = set()  # keys eviction skips, present yet or not
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Any | None:
@@ -34,15 +40,32 @@ class CpuAdapterCache:
             return weights
 
     def put(self, key: str, weights: SizedWeights) -> list[str]:
-        """Keep `weights` under `key`; returns the keys evicted to stay within `max_entries`."""
+        """Keep `weights` under `key`; returns the keys evicted to stay within `max_entries`
+        (the least recently used ones not held)."""
         with self._lock:
             self._entries[key] = weights
             self._entries.move_to_end(key)
-            evicted = []
-            while len(self._entries) > self.max_entries:
-                old_key, _ = self._entries.popitem(last=False)
-                evicted.append(old_key)
+            overflow = len(self._entries) - self.max_entries
+            evicted = [old_key for old_key in self._entries if old_key not in self._held][: max(overflow, 0)]
+            for old_key in evicted:
+                del self._entries[old_key]
             return evicted
+
+    def hold(self, key: str) -> None:
+        """Never evict `key` (now, or once it is put) until `unhold`."""
+        with self._lock:
+            if key not in self._held and len(self._held) + 1 >= self.max_entries:
+                raise OverflowError(f"holding {key!r} would leave no unheld entry of {self.max_entries}")
+            self._held.add(key)
+
+    def unhold(self, key: str) -> None:
+        """`key` is evictable again (it stays until LRU order or `pop` takes it)."""
+        with self._lock:
+            self._held.discard(key)
+
+    def held(self) -> set[str]:
+        with self._lock:
+            return set(self._held)
 
     def pop(self, key: str) -> Any | None:
         with self._lock:

@@ -4,10 +4,13 @@ Registration parses and validates an adapter fully on the caller's thread before
 at it, so a bad adapter never becomes visible. A request holds its exact version from submit to
 finish; a version replaced by a newer one (hot swap) or unregistered is retired, and its slot and
 CPU copy are dropped once no request holds it. A version an experiment pins is not retired when
-replaced: it stays registered as "name@version" (evictable to CPU and disk like any adapter)
-until its last pin is released; at most `max_cpu_loras` versions are pinned, so they all fit the
-CPU tier together. Disk reads of adapters that fell out of the CPU cache run on a background
-thread, so only the requests that need them wait.
+replaced: it stays registered as "name@version" until its last pin is released. While pinned, its
+parsed weights are held in the CPU tier (a slot may still drop it): its folder may be overwritten
+in place for the next version, so the disk may no longer have its bytes. Held versions count
+against `max_cpu_loras`, and at most `max_cpu_loras - 1` versions are pinned, so one entry is
+always left for the adapters in rotation. Disk reads of adapters that fell out of the CPU cache
+run on a background thread, so only the requests that need them wait; a read-back refuses bytes
+other than those registered, so a version is served with its own weights or not at all.
 
 Methods marked "worker" touch the slot table and the LoRA buffers and run only on the engine's
 worker thread; the rest are thread-safe.
@@ -25,6 +28,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.errors import AdapterChangedError
 from adapters.lora_layer import LoraLinear
 from adapters.peft_io import load_adapter
 from adapters.weights import AdapterWeights
@@ -71,7 +75,7 @@ class AdapterTiers:
         self._model_config = model_config
         self._layers = layers
         self._max_rank = max_rank
-        self._max_pinned_versions = max_cpu_loras  # pinned versions count against the CPU tier
+        self._max_pinned_versions = max_cpu_loras - 1  # held in the CPU tier, leaving one entry for the rest
         self._strict_base = strict_base
         self._served_model_name = served_model_name
         self._wake = wake  # tells the worker something it waits for has happened
@@ -83,6 +87,7 @@ class AdapterTiers:
         self.slots = SlotManager(max_loras)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load", initializer=keep_thread_serial)
         self._lock = threading.Lock()
+        self._pin_lock = threading.Lock()  # a version's pin count and its CPU hold change together
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, str] = {}  # key -> why the disk read failed
         self._holds: Counter[str] = Counter()  # key -> requests (queued or running) holding it
@@ -152,13 +157,23 @@ class AdapterTiers:
         return info
 
     def pin_version(self, reference: str) -> AdapterInfo:
-        """Keep "name@version" registered until `release_version`, even after `name` is hot
-        swapped or unregistered (raises UnknownVersionError, OverflowError past the bound)."""
-        return self.registry.pin(reference, self._max_pinned_versions)
+        """Keep "name@version" registered and its weights in CPU memory until `release_version`,
+        even after `name` is hot swapped or unregistered (raises UnknownVersionError, OverflowError
+        past the bound). A version already out of the CPU tier is read back in the background."""
+        with self._pin_lock:
+            info = self.registry.pin(reference, self._max_pinned_versions)
+            self.cpu.hold(info.key)
+        if info.key not in self.cpu:
+            self._prefetch(info)
+        return info
 
     def release_version(self, key: str) -> None:
-        """Release one pin; a replaced version's last release retires it like any old version."""
-        released = self.registry.unpin(key)
+        """Release one pin; the last one lets the weights leave the CPU tier, and retires a
+        replaced version like any old version."""
+        with self._pin_lock:
+            released = self.registry.unpin(key)
+            if key not in self.registry.pinned():
+                self.cpu.unhold(key)
         if released is not None:
             self.retire(released.key)
 
@@ -275,7 +290,12 @@ class AdapterTiers:
         with self._lock:
             if info.key in self._failed:
                 raise AdapterUnavailableError(self._failed[info.key])
-            if info.key in self._loading:
+        self._prefetch(info)
+
+    def _prefetch(self, info: AdapterInfo) -> None:
+        """Start reading `info` back from disk unless a read is running or has failed."""
+        with self._lock:
+            if info.key in self._loading or info.key in self._failed:
                 return
             self._loading[info.key] = self._loader.submit(self._load_from_disk, info)
 
@@ -287,9 +307,10 @@ class AdapterTiers:
             weights = self.parse(info.path, expected_hash=info.content_hash or None)
         except Exception as err:  # the file changed or vanished since registration
             log.error("adapter %s could not be read back from %s: %s", info.key, info.path, err)
+            # Clients see no server paths or exception text; the log above has them.
+            why = ": its files changed on disk since it was registered" if isinstance(err, AdapterChangedError) else ""
             with self._lock:
-                # Clients see no server paths or exception text; the log above has them.
-                self._failed[info.key] = f"adapter {info.key} could not be read back from disk; load it again"
+                self._failed[info.key] = f"adapter {info.key} could not be read back from disk{why}; load it again"
         else:
             self.cpu.put(info.key, weights)
             with self._lock:

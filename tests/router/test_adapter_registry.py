@@ -69,6 +69,23 @@ def test_cpu_cache_evicts_least_recently_used_and_counts_bytes():
     assert "a@1" not in cache and len(cache) == 1
 
 
+def test_cpu_cache_never_evicts_a_held_key_and_counts_it_in_its_entries():
+    cache = CpuAdapterCache(3)
+    cache.hold("pinned@1")  # held before it is even there: a read-back puts it later
+    cache.put("pinned@1", _Weights(10))
+    cache.hold("other@1")
+    cache.put("other@1", _Weights(10))
+    with pytest.raises(OverflowError, match="no unheld entry of 3"):
+        cache.hold("third@1")
+    assert cache.put("a@1", _Weights(10)) == []
+    assert cache.put("b@1", _Weights(10)) == ["a@1"]  # the held ones are older, yet stay
+    assert cache.put("c@1", _Weights(10)) == ["b@1"]
+    assert cache.keys() == ["pinned@1", "other@1", "c@1"] and len(cache) == cache.max_entries
+    cache.unhold("pinned@1")
+    assert cache.put("d@1", _Weights(10)) == ["pinned@1"]  # evictable again, least recently used
+    assert cache.held() == {"other@1"}
+
+
 def test_pinned_version_is_kept_after_a_hot_swap_until_its_last_pin_goes():
     registry = AdapterRegistry()
     registry.publish(_info("x", registry.reserve_version("x")))

@@ -35,7 +35,8 @@ def settings_for(files, state_dir: Path, main: str = "one") -> ServerSettings:
         tasks={"qa": TaskRoute.single("main"), "qb": TaskRoute.single("main")},
         adapter_roots=[str(folders["one"].parent)],
         state_dir=str(state_dir),
-        # Two CPU entries and two slots: the fillers push a pinned version out to disk and back.
+        # Two CPU entries and two slots: the fillers push a pinned version out of its slot, but
+        # its CPU copy is held (one entry for pins, one for the rest).
         engine=EngineConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=8, prefill_chunk=8),
     )
 
@@ -76,9 +77,9 @@ def test_pinned_arm_keeps_its_version_through_hot_swaps_and_is_released_on_delet
         assert engine.tiers.registry.lookup("main@2") is None  # a swapped-out version nobody pins is gone
         (row,) = [a for a in h.get("/dashboard/api/state").json()["adapters"] if a["name"] == "main"]
         assert (row["version"], row["kept_versions"]) == (3, [1])
-        # The fillers take both CPU entries: main@1 must come back from disk for its arm.
+        # The fillers take both slots and churn the unheld CPU entry: main@1 stays in CPU memory.
         engine_text(server, "filler1"), engine_text(server, "filler2")
-        assert "main@1" not in engine.tiers.cpu
+        assert "main@1" in engine.tiers.cpu and engine.tiers.slots.slot_of("main@1") is None
 
         seen = set()
         for i in range(USERS):
@@ -110,12 +111,14 @@ def test_unknown_malformed_and_too_many_pinned_versions_get_clear_errors(files, 
         assert unknown["code"] == "adapter_not_found" and "'main@9'" in unknown["message"] and "main@1" in unknown["message"]
         malformed = error({"task": "qa", "arms": [{"name": "a", "adapter": "main@v1", "weight": 1}]}, 400)
         assert "'main@v1'" in malformed["message"] and "NAME@VERSION" in malformed["message"]
-        # max_cpu_loras=2 bounds the versions kept for pins; the refused PUT pins nothing.
-        three = [{"name": name, "adapter": f"{name}@1", "weight": 1} for name in ("main", "filler1", "filler2")]
-        limit = error({"task": "qa", "arms": three}, 409)
-        assert limit["code"] == "too_many_pinned_versions" and "more than 2" in limit["message"]
+        # max_cpu_loras=2 holds one pinned version in CPU memory and one entry for the rest; the
+        # refused PUT pins nothing.
+        two = [{"name": name, "adapter": f"{name}@1", "weight": 1} for name in ("main", "filler1")]
+        limit = error({"task": "qa", "arms": two}, 409)
+        assert limit["code"] == "too_many_pinned_versions" and "more than 1" in limit["message"]
         assert server.state.engine.tiers.registry.pinned() == {}
-        assert h.put("/v1/experiments/ok", json={"task": "qa", "arms": three[:2]}).status_code == 200
+        assert server.state.engine.tiers.cpu.held() == set()
+        assert h.put("/v1/experiments/ok", json={"task": "qa", "arms": two[:1]}).status_code == 200
 
 
 def test_a_restart_keeps_a_pin_on_the_same_weights_and_stops_an_experiment_whose_version_changed(files, tmp_path):
