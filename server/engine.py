@@ -12,7 +12,7 @@ import logging
 import statistics
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +126,7 @@ class Engine:
         self._lock = threading.RLock()  # re-entered when an adapter call under it wakes the worker
         self._wakeup = threading.Condition(self._lock)
         self._dirty = False  # something happened that the worker has not looked at yet
+        self._load_listeners: list[Callable[[], None]] = []  # see watch_load
         self.tiers = AdapterTiers(
             model.config,
             layers,
@@ -258,6 +259,7 @@ class Engine:
             self._admission.enqueue(Pending(request, handle, adapter))
             self._dirty = True
             self._wakeup.notify_all()
+        self._load_changed()
         return handle
 
     @contextmanager
@@ -266,6 +268,35 @@ class Engine:
         publishes under the same lock, so it waits until the block ends (a few submits)."""
         with self._lock:
             yield
+
+    def load(self) -> tuple[int, int]:
+        """(queued, running) requests now: the part of `stats` a watcher reads at every change."""
+        with self._lock:
+            return len(self._admission), len(self._rows)
+
+    def watch_load(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` each time a request is queued or queued requests start running (the
+        changes that can leave a request waiting while every row is busy), on the thread that
+        made the change, holding no lock: it must only hand the news on. Returns the function
+        that stops the calls."""
+        with self._lock:
+            self._load_listeners.append(listener)
+
+        def stop() -> None:
+            with self._lock:
+                if listener in self._load_listeners:
+                    self._load_listeners.remove(listener)
+
+        return stop
+
+    def _load_changed(self) -> None:
+        with self._lock:
+            listeners = list(self._load_listeners)
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:  # a watcher's failure must not fail a submit or a step
+                log.exception("load listener failed")
 
     def stats(self) -> EngineStats:
         tiers = self.tiers
@@ -332,7 +363,10 @@ class Engine:
         self._collect_versions()
         for row in [row for row in self._rows if row.handle.cancelled]:
             self._runner.finish(row, "cancelled")
+        running = len(self._rows)
         self._admission.admit(self._rows, self.tiers.slot_for, self._start_row, self._end_unadmitted)
+        if len(self._rows) > running:  # announced once admission has also taken them off the queue
+            self._load_changed()
         if self._rows:
             step_isolating(self._runner.step, list(self._rows), lambda row, why: self._runner.finish(row, "error", error=why))
         self._collect_versions()  # versions whose last request just finished
