@@ -96,7 +96,7 @@ class ShadowPreemption:
                     return
                 try:
                     await asyncio.wait_for(changed.wait(), self.fallback_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin only from Python 3.11
                     pass
         finally:
             stop_watching()
