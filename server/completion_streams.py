@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
@@ -90,30 +90,37 @@ def _sse(payload: dict) -> str:
 
 
 async def _relay(
-    reply: Reply, waiter: ChoiceWaiter, timers: list[GenerationTimer], finished: dict[int, Finished]
-) -> AsyncIterator[tuple[int, Event] | str]:
-    """(choice, event) pairs until every choice has finished; failures after the headers are sent
-    become an SSE error event (a str), as OpenAI streams them, and end the stream."""
+    reply: Reply, waiter: ChoiceWaiter, timers: list[GenerationTimer], plan: StreamPlan,
+    chunk_type: type[ChatCompletionChunk] | type[CompletionResponse], render: Callable[[int, Event], Iterator[str]],
+) -> AsyncIterator[str]:
+    """The SSE lines of a response, chat or completion alike: the chunks `render` makes of each
+    choice's events until every choice has finished, the usage chunk if asked, then `[DONE]`.
+    Failures after the headers are sent become an SSE error event, as OpenAI streams them, and
+    end the relay."""
+    finished: dict[int, Finished] = {}
     while len(finished) < len(timers):
         try:
             index, event = await waiter.next()
         except ClientGone:
-            return
+            break
         except ApiError as err:
             yield _sse(error_body(err.message, err.type, err.param, err.code))
-            return
+            break
         if isinstance(event, TextDelta):
             timers[index].on_tokens(len(event.token_ids))
-            yield index, event
-            continue
-        # Counted from Finished, not from deltas: tokens cut by a stop string never reach a delta.
-        timers[index].on_finished(event.prompt_tokens, event.completion_tokens, event.finish_reason)
-        if event.finish_reason == "error":
-            log.error("request %s: choice %d failed: %s", reply.request_id, index, event.error)
-            yield _sse(error_body(f"generation failed: {event.error}", "internal_error", code="generation_error"))
-            return
-        finished[index] = event
-        yield index, event
+        else:
+            # Counted from Finished, not from deltas: tokens cut by a stop string never reach a delta.
+            timers[index].on_finished(event.prompt_tokens, event.completion_tokens, event.finish_reason)
+            if event.finish_reason == "error":
+                log.error("request %s: choice %d failed: %s", reply.request_id, index, event.error)
+                yield _sse(error_body(f"generation failed: {event.error}", "internal_error", code="generation_error"))
+                break
+            finished[index] = event
+        for line in render(index, event):
+            yield line
+    if reply.include_usage and len(finished) == plan.choices:
+        yield _usage_chunk(chunk_type, reply, plan, finished)
+    yield SSE_DONE
 
 
 async def stream_chat(
@@ -128,23 +135,18 @@ async def stream_chat(
             body["usage"] = None  # OpenAI's shape: null on every chunk but the last
         return _sse(body)
 
-    for index in range(plan.choices):
-        yield chunk(index, ChunkDelta(role="assistant", content=""))
-    finished: dict[int, Finished] = {}
-    async for item in _relay(reply, waiter, timers, finished):
-        if isinstance(item, str):
-            yield item
-            continue
-        index, event = item
+    def render(index: int, event: Event) -> Iterator[str]:
         if isinstance(event, TextDelta):
             logprobs = chat_logprobs(event.logprobs, texts) if plan.logprobs is not None and event.logprobs else None
             if event.text or logprobs is not None:
                 yield chunk(index, ChunkDelta(content=event.text), logprobs=logprobs)
         else:
             yield chunk(index, ChunkDelta(), event.finish_reason)
-    if reply.include_usage and len(finished) == plan.choices:
-        yield _usage_chunk(ChatCompletionChunk, reply, plan, finished)
-    yield SSE_DONE
+
+    for index in range(plan.choices):
+        yield chunk(index, ChunkDelta(role="assistant", content=""))
+    async for line in _relay(reply, waiter, timers, plan, ChatCompletionChunk, render):
+        yield line
 
 
 async def stream_completion(
@@ -160,12 +162,8 @@ async def stream_completion(
 
     offsets = [0] * plan.choices  # text_offset of each choice's next token
     echoed = [not plan.echo] * plan.choices
-    finished: dict[int, Finished] = {}
-    async for item in _relay(reply, waiter, timers, finished):
-        if isinstance(item, str):
-            yield item
-            continue
-        index, event = item
+
+    def render(index: int, event: Event) -> Iterator[str]:
         if not echoed[index]:  # the choice's first event: the prompt (and its logprobs) go first
             echoed[index] = True
             prompt = plan.prompts[index // plan.n]
@@ -182,9 +180,9 @@ async def stream_completion(
                 yield chunk(index, event.text, logprobs=logprobs)
         else:
             yield chunk(index, "", event.finish_reason)
-    if reply.include_usage and len(finished) == plan.choices:
-        yield _usage_chunk(CompletionResponse, reply, plan, finished)
-    yield SSE_DONE
+
+    async for line in _relay(reply, waiter, timers, plan, CompletionResponse, render):
+        yield line
 
 
 class GenerationStream(StreamingResponse):

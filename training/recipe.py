@@ -20,7 +20,7 @@ from adapters.peft_io import load_adapter
 from backbone.atomic_folder import replace_folder, staging_folder
 from backbone.model_source import load_pretrained, served_model_name
 from training.batching import BatchPlanner, MicroBatch, collate, pack_by_length
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, remove_stale_staging, save_checkpoint
 from training.config import AdapterSettings, TrainConfig
 from training.data import TaskData, load_task_file
 from training.distributed import Distributed, SilentLog
@@ -192,10 +192,12 @@ class MultiTaskTrainer:
     def train(self, resume: str | Path | bool | None = None) -> dict:
         config = self.config
         self.output.mkdir(parents=True, exist_ok=True)
+        main = self.distributed.is_main
         if resume:
+            if main:  # the rank that saves owns the folder's leftovers too
+                remove_stale_staging(self.output)
             self.load_state_dict(load_checkpoint(self.output, None if resume is True else resume))
             log.info("resumed at step %d", self.step)
-        main = self.distributed.is_main
         run_log = RunLog(self.output / "log.jsonl", resume_step=self.step if resume else None) if main else SilentLog()
         if self.distributed.rank:  # other dropout masks than rank 0's, reproducibly
             torch.manual_seed(config.seed + 1_000_003 * self.distributed.rank + self.step)

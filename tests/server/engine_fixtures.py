@@ -1,5 +1,6 @@
 """Shared pieces for the engine tests: a tiny model folder with a word-level tokenizer, random
-PEFT-format adapters, and reference generations with backbone.generate (one adapter, one slot)."""
+PEFT-format adapters, reproducible prompts, and reference generations with backbone.generate (one
+adapter, one slot)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def save_random_adapter(folder: Path, model_dir: Path, seed: int, rank: int = 4,
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
     weights = AdapterWeights.initialized(config, model, generator=torch.Generator().manual_seed(seed))
     return save_adapter(folder, weights)
+
+
+def prompt_tokens(seed: int, length: int) -> list[int]:
+    """`length` ordinary tokens (ids 3..122) that differ between seeds from the first one on."""
+    return [3 + (seed * 37 + i * 11) % 120 for i in range(length)]
 
 
 def reference_completion(

@@ -113,7 +113,7 @@ def test_kill_9_during_store_publish_leaves_the_previous_version_and_no_partial_
 def test_kill_9_during_checkpoint_save_leaves_the_previous_checkpoint_and_no_partial_one(tmp_path, writers):
     variants = {number: checkpoint_state(number) for number in range(VARIANTS)}
     rng = random.Random(15)
-    saved_per_trial = []
+    saved_per_trial, left_per_trial = [], []
     for trial in range(TRIALS):
         output = tmp_path / f"run-{trial}"
         save_checkpoint(output, 0, variants[0], keep=CHECKPOINT_KEEP)  # the previous checkpoint
@@ -132,7 +132,10 @@ def test_kill_9_during_checkpoint_save_leaves_the_previous_checkpoint_and_no_par
             assert state["variant"] == expected["variant"] and torch.equal(state["params"], expected["params"]), path
         assert load_checkpoint(output)["variant"] == steps[-1] % VARIANTS  # what --resume reads
         # At most the killed save's own temporary file is left, hidden from the listing.
-        assert len(_hidden_entries(output)) <= 1
+        leftovers = _hidden_entries(output)
+        assert len(leftovers) <= 1
+        left_per_trial.append(len(leftovers))
         assert save_checkpoint(output, steps[-1] + 1, variants[1], keep=CHECKPOINT_KEEP).is_file()
+        assert _hidden_entries(output) == []  # the next save removed it
         saved_per_trial.append(steps[-1])
-    print(f"checkpoints saved before the kill, per trial: {saved_per_trial}")
+    print(f"checkpoints saved before the kill, per trial: {saved_per_trial}; staging files left: {left_per_trial}")

@@ -1,7 +1,6 @@
 """The prefix cache against cold prefills: reused KV blocks give the logits and the generations of
 computing the whole prompt, per adapter version."""
 
-import pytest
 import torch
 
 from adapters.injection import inject_lora
@@ -11,7 +10,7 @@ from adapters.weights import write_to_slot
 from backbone.loading import load_model
 from backbone.sampling import SamplingParams
 from backbone.tokenizer import Tokenizer
-from engine_fixtures import reference_completion, save_random_adapter, save_tiny_model_with_tokenizer
+from engine_fixtures import prompt_tokens, reference_completion
 from router.adapter_registry import AdapterInfo
 from server.batch_state import CachePool, Row
 from server.engine import Engine, EngineConfig, GenerationRequest
@@ -19,21 +18,6 @@ from server.prefix_cache import chain_keys
 from server.prefix_kv import PrefixCache
 
 BLOCK = 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("prefix_model"))
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefix_adapters")
-    return {name: save_random_adapter(root / name, model_dir, seed=seed) for seed, name in enumerate(["a", "b"], 1)}
-
-
-def _tokens(seed: int, length: int) -> list[int]:
-    return [3 + (seed * 37 + i * 11) % 120 for i in range(length)]
 
 
 def _adapter(name: str, version: int) -> AdapterInfo:
@@ -66,8 +50,8 @@ def test_prefix_hit_gives_the_logits_of_a_cold_prefill(model_dir, adapter_dirs):
     write_to_slot(layers, 0, load_adapter(adapter_dirs["a"], model.config))
     write_to_slot(layers, 1, load_adapter(adapter_dirs["b"], model.config))
     a, b = _adapter("a", 1), _adapter("b", 1)
-    shared = _tokens(1, 3 * BLOCK + 5)
-    first, second = shared + _tokens(2, 6), shared + _tokens(3, 9)
+    shared = prompt_tokens(1, 3 * BLOCK + 5)
+    first, second = shared + prompt_tokens(2, 6), shared + prompt_tokens(3, 9)
     pool = CachePool(model.config, rows=3, max_positions=128)
     cache = PrefixCache(pool, BLOCK, budget_bytes=1 << 24)
     with torch.inference_mode():
@@ -96,7 +80,7 @@ def test_a_prompt_of_whole_blocks_still_computes_its_last_token(model_dir):
     model = load_model(model_dir)
     pool = CachePool(model.config, rows=2, max_positions=64)
     cache = PrefixCache(pool, BLOCK, budget_bytes=1 << 24)
-    prompt = _tokens(4, 2 * BLOCK)
+    prompt = prompt_tokens(4, 2 * BLOCK)
     with torch.inference_mode():
         writer = _row(prompt, 0, None, -1)
         cache.attach(writer)
@@ -114,9 +98,9 @@ def test_a_row_waits_for_the_prefix_another_row_is_computing(model_dir):
     model = load_model(model_dir)
     pool = CachePool(model.config, rows=3, max_positions=64)
     cache = PrefixCache(pool, BLOCK, budget_bytes=1 << 24)
-    shared = _tokens(5, 2 * BLOCK)
-    writer, reader = _row(shared + _tokens(6, 3), 0, None, -1), _row(shared + _tokens(7, 4), 1, None, -1)
-    stranger = _row(_tokens(8, 2 * BLOCK + 3), 2, None, -1)
+    shared = prompt_tokens(5, 2 * BLOCK)
+    writer, reader = _row(shared + prompt_tokens(6, 3), 0, None, -1), _row(shared + prompt_tokens(7, 4), 1, None, -1)
+    stranger = _row(prompt_tokens(8, 2 * BLOCK + 3), 2, None, -1)
     with torch.inference_mode():
         assert cache.attach(writer)
         assert not cache.attach(reader)  # its first block is being computed by the writer
@@ -130,7 +114,7 @@ def test_a_row_waits_for_the_prefix_another_row_is_computing(model_dir):
 def test_a_row_that_ends_before_storing_lets_waiting_rows_go(model_dir):
     pool = CachePool(load_model(model_dir).config, rows=2, max_positions=64)
     cache = PrefixCache(pool, BLOCK, budget_bytes=1 << 24)
-    prompt = _tokens(9, 2 * BLOCK + 1)
+    prompt = prompt_tokens(9, 2 * BLOCK + 1)
     first, second = _row(prompt, 0, None, -1), _row(prompt, 1, None, -1)
     assert cache.attach(first) and not cache.attach(second)
     cache.release(first)  # cancelled mid-prefill
@@ -150,8 +134,8 @@ def _run(engine: Engine, prompts_and_adapters, max_tokens: int = 5) -> list[list
 
 
 def test_engine_with_prefix_cache_generates_what_cold_prefills_generate(model_dir, adapter_dirs):
-    system = {name: _tokens(seed, 3 * BLOCK + 2) for seed, name in ((5, "a"), (6, "b"), (7, None))}
-    plan = [(system[name] + _tokens(10 + turn, 3 + turn % 4), name) for turn in range(9) for name in ("a", "b", None)]
+    system = {name: prompt_tokens(seed, 3 * BLOCK + 2) for seed, name in ((5, "a"), (6, "b"), (7, None))}
+    plan = [(system[name] + prompt_tokens(10 + turn, 3 + turn % 4), name) for turn in range(9) for name in ("a", "b", None)]
     results = {}
     for enabled in (True, False):
         engine = _engine(model_dir, prefix_cache=enabled)
@@ -175,7 +159,7 @@ def test_hot_swapped_version_never_reuses_the_old_versions_blocks(model_dir, ada
     engine = _engine(model_dir)
     engine.register_adapter("x", adapter_dirs["a"])
     engine.start()
-    prompt = _tokens(8, 4 * BLOCK + 3)
+    prompt = prompt_tokens(8, 4 * BLOCK + 3)
     params = SamplingParams(max_tokens=5)
     _run(engine, [(prompt, "x")])
     assert engine.stats().prefix_cache.hit_tokens == 0
@@ -198,13 +182,13 @@ def test_cache_stays_under_its_budget_under_a_random_workload(model_dir, adapter
     for name, path in adapter_dirs.items():
         engine.register_adapter(name, path)
     engine.start()
-    systems = [_tokens(seed, 2 * BLOCK) for seed in range(6)]
+    systems = [prompt_tokens(seed, 2 * BLOCK) for seed in range(6)]
     for _ in range(8):
         plan = []
         for _ in range(3):
             system = systems[int(torch.randint(len(systems), (1,), generator=generator))]
             adapter = [None, "a", "b"][int(torch.randint(3, (1,), generator=generator))]
-            plan.append((system + _tokens(int(torch.randint(1000, (1,), generator=generator)), 5 + BLOCK), adapter))
+            plan.append((system + prompt_tokens(int(torch.randint(1000, (1,), generator=generator)), 5 + BLOCK), adapter))
         _run(engine, plan, max_tokens=2)
         stats = engine.stats().prefix_cache
         assert stats.nbytes <= budget_blocks * block_bytes

@@ -7,14 +7,13 @@ the blocks with memory of their own stay within the budget."""
 
 import random
 
-import pytest
 import torch
 
 from backbone.config import ModelConfig
 from backbone.loading import load_model
 from backbone.sampling import SamplingParams
 from backbone.tokenizer import Tokenizer
-from engine_fixtures import reference_completion, save_random_adapter, save_tiny_model_with_tokenizer
+from engine_fixtures import prompt_tokens, reference_completion
 from router.adapter_registry import AdapterInfo
 from server.batch_state import CachePool, Row
 from server.engine import Engine, EngineConfig, GenerationRequest
@@ -132,29 +131,14 @@ def test_random_workload_keeps_blocks_intact_in_use_and_within_one_budget():
     assert cache.stats().dropped_blocks > 0
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("shared_model"))
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shared_adapters")
-    return {name: save_random_adapter(root / name, model_dir, seed=seed) for seed, name in enumerate(["a", "b"], 1)}
-
-
-def _tokens(seed: int, length: int) -> list[int]:
-    return [3 + (seed * 37 + i * 11) % 120 for i in range(length)]
-
-
 def test_idle_rows_serve_as_prefix_cache_and_the_budget_keeps_what_a_reused_row_pushes_out(model_dir, adapter_dirs):
     """Blocks live in cache rows; a row handed to a new request pushes its blocks into the budget
     (here none, or room for three blocks). Generations are those of cold prefills either way."""
     block = 8
-    system = {name: _tokens(seed, 3 * block + 2) for seed, name in ((5, "a"), (6, "b"), (7, None))}
-    waves = [[(system[name] + _tokens(10 + turn, 3 + turn % 4), name) for name in ("a", "b", None)] for turn in range(3)]
+    system = {name: prompt_tokens(seed, 3 * block + 2) for seed, name in ((5, "a"), (6, "b"), (7, None))}
+    waves = [[(system[name] + prompt_tokens(10 + turn, 3 + turn % 4), name) for name in ("a", "b", None)] for turn in range(3)]
     # One client at a time always gets row 0, which the first wave left holding a's blocks.
-    singles = [[(system[name] + _tokens(20 + turn, 4), name)] for turn, name in enumerate(["a", "a", "b", None, "a"])]
+    singles = [[(system[name] + prompt_tokens(20 + turn, 4), name)] for turn, name in enumerate(["a", "a", "b", None, "a"])]
     plan = waves[:1] + singles + waves[1:]
     params = SamplingParams(max_tokens=5)
     block_bytes = _block_bytes(load_model(model_dir).config, block)

@@ -3,13 +3,12 @@ swap, an unload or the last experiment pin, exactly that version's blocks are dr
 request (queued or running) can use them. The engine is stepped by hand, so each check sees the
 state between two worker steps."""
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backbone.loading import load_model
 from backbone.sampling import SamplingParams
 from backbone.tokenizer import Tokenizer
-from engine_fixtures import reference_completion, save_random_adapter, save_tiny_model_with_tokenizer
+from engine_fixtures import prompt_tokens, reference_completion
 from router.experiments import experiment_from_json
 from server.engine import Engine, EngineConfig, GenerationRequest, RequestHandle
 from server.experiment_pins import VersionPins
@@ -21,19 +20,8 @@ BLOCKS_PER_PROMPT = 3
 PARAMS = SamplingParams(max_tokens=4)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("release_model"))
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("release_adapters")
-    return {name: save_random_adapter(root / name, model_dir, seed=seed) for seed, name in enumerate(["a", "b"], 1)}
-
-
 def _prompt(seed: int) -> list[int]:
-    return [3 + (seed * 37 + i * 11) % 120 for i in range(BLOCKS_PER_PROMPT * BLOCK + 2)]
+    return prompt_tokens(seed, BLOCKS_PER_PROMPT * BLOCK + 2)
 
 
 def _engine(model_dir) -> Engine:

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,18 +56,29 @@ def test_run_writes_adapters_log_plots_and_checkpoints(first_run):
     assert [p.name for p in (out / "checkpoints").iterdir() if p.suffix == ".pt"] != []
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(first_run, toy_model_dir):
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(first_run, toy_model_dir, caplog):
     root, config_path = first_run
     resumed = root / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(root / "run" / "checkpoints" / "step-000003.pt", resumed / "checkpoints")
+    checkpoint = Path(shutil.copy(root / "run" / "checkpoints" / "step-000003.pt", resumed / "checkpoints"))
+    # What the killed save of step 4 left behind, and a file of the user's beside it.
+    leftover = resumed / "checkpoints" / f".step-000004.pt.tmp-{'ab' * 16}"
+    leftover.write_bytes(b"half a checkpoint")
+    (resumed / "checkpoints" / "notes.txt").write_text("mine")
+    checkpoint_bytes = checkpoint.read_bytes()
     config = json.loads(config_path.read_text())
     config["output_dir"] = str(resumed)
-    assert main(["train", str(write_config(root / "resumed.json", config)), "--resume"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["train", str(write_config(root / "resumed.json", config)), "--resume"]) == 0
     uninterrupted, continued = _losses(root / "run"), _losses(resumed)
     assert sorted(continued) == [4, 5, 6]
     for step in (4, 5, 6):
         assert continued[step] == pytest.approx(uninterrupted[step], abs=1e-9, rel=0)
+    assert not leftover.exists() and (resumed / "checkpoints" / "notes.txt").read_text() == "mine"
+    assert checkpoint.read_bytes() == checkpoint_bytes
+    messages = [record.getMessage() for record in caplog.records]
+    removal = next(i for i, message in enumerate(messages) if leftover.name in message)
+    assert removal < messages.index("resumed at step 3")  # removed by the resume, not only by the next save
 
 
 def _digest(folder):
