@@ -52,6 +52,9 @@ class LoraLinear(Projection):
         # did). Kept with the stacks they view, so replaced buffers (a `.to()`, an assignment)
         # are never read through stale views.
         self._decode_views: tuple[torch.Tensor, torch.Tensor, dict] = (self.lora_A, self.lora_B, {})
+        # A copy of the weight with one slot merged in, for batches all on that slot
+        # (adapters/merged_slot.py); a fused group holds its own instead.
+        self.merged = None
 
     @property
     def num_slots(self) -> int:
@@ -122,6 +125,9 @@ class LoraLinear(Projection):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, routing: AdapterRouting | None = None) -> torch.Tensor:
+        merged = self.merged.weight_for(routing, (self,)) if self.merged is not None else None
+        if merged is not None:  # every row on the adapter merged into this copy: the base's cost
+            return linear(x, merged, self.bias)
         # The base through its packed weight where that is faster with the same bits (bf16 on a CPU).
         return self.add_adapters(linear(x, self.weight, self.bias), x, routing)
 
