@@ -10,8 +10,8 @@ switch between merged and unmerged inference of dLoRA (OSDI '24).
 `SlotMerger` merges once one adapter has had the whole batch for `after_batches` batches in a row,
 so a passing single-adapter batch never pays for it, and it merges a budget of weight elements per
 batch, so no step stalls for the whole merge; layers merged so far serve merged meanwhile. One
-adapter is merged at a time, into copies allocated once: the price is one more copy of the adapted
-weights (server/device_memory.py counts it).
+adapter is merged at a time, into copies allocated when the merger is made: the price is one more
+copy of the adapted weights, from the start (server/device_memory.py counts it).
 
 A merged weight serves only while what it was computed from is unchanged (`MergedWeight.stamp`):
 the base weight, the slot stacks and the slot's rank and scale. A hot swap into the slot, a write
@@ -89,6 +89,12 @@ class MergeUnit:
         self.layers = tuple(layers)
         self.group = group
         self.owner = group if group is not None else layers[0]
+        # The copy merges are written into, allocated and touched now: the memory is taken when
+        # the server starts, as the memory plan counts it, and no request waits on its page faults.
+        # Outside inference mode, so the copy keeps a version counter, which packed bf16 weights
+        # (backbone/packed_linear.py) read to tell when to repack it.
+        with torch.inference_mode(False):
+            self.copy = torch.zeros_like(self.owner.weight, requires_grad=False)
 
     def _stamp_to_merge(self, slot: int) -> tuple | None:
         if self.group is not None and not self.group.intact(self.layers):
@@ -110,13 +116,11 @@ class MergeUnit:
         stamp = self._stamp_to_merge(slot)
         if stamp is None:
             return 0
-        base, merged = self.owner.weight, self.owner.merged
+        base, target = self.owner.weight, self.copy
         self.owner.merged = None  # half-written, it serves nothing
-        # Outside inference mode: the copy must keep a version counter, which packed bf16 weights
-        # (backbone/packed_linear.py) read to tell when to repack it.
         with torch.inference_mode(False), torch.no_grad():
-            reusable = merged is not None and merged.weight.shape == base.shape and merged.weight.dtype == base.dtype
-            target = merged.weight if reusable else torch.empty_like(base)
+            if (target.shape, target.dtype, target.device) != (base.shape, base.dtype, base.device):  # a replaced weight
+                target = self.copy = torch.empty_like(base)
             start = 0
             for layer in self.layers:
                 rows = slice(start, start + layer.out_features)
@@ -152,7 +156,7 @@ def merge_units(model: CausalLM) -> list[MergeUnit]:
 class MergeStats:
     batches: int  # batches whose every adapted weight was merged (they ran at the base's cost)
     seconds: float  # time spent merging
-    nbytes: int  # memory held by merged copies
+    nbytes: int  # memory held by the copies merges are written into
 
 
 class SlotMerger:
@@ -218,9 +222,5 @@ class SlotMerger:
             )
 
     def stats(self) -> MergeStats:
-        nbytes = 0
-        for unit in self.units:
-            merged = unit.owner.merged
-            if merged is not None:
-                nbytes += merged.weight.numel() * merged.weight.element_size()
+        nbytes = sum(unit.copy.numel() * unit.copy.element_size() for unit in self.units)
         return MergeStats(self._batches, self._seconds, nbytes)
