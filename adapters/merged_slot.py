@@ -14,9 +14,10 @@ adapter is merged at a time, into copies allocated when the merger is made: the 
 copy of the adapted weights, from the start (server/device_memory.py counts it).
 
 A merged weight serves only while what it was computed from is unchanged (`MergedWeight.stamp`):
-the base weight, the slot stacks and the slot's rank and scale. A hot swap into the slot, a write
-to any slot, a replaced buffer: each sends the layer back to the unmerged path until the merger
-merges it again, so a merged weight is never stale, only sometimes absent.
+the base weight, the slot's contents, rank and scale. A hot swap into the slot, a write into the
+stacks that bypasses `set_slot`, a replaced buffer: each sends the layer back to the unmerged
+path until the merger merges it again, so a merged weight is never stale, only sometimes absent.
+Loading other adapters into other slots leaves it alone.
 """
 
 from __future__ import annotations
@@ -45,17 +46,21 @@ MERGE_ELEMENTS_PER_BATCH = 32 * 2**20
 
 def _layer_stamp(layer: LoraLinear, slot: int) -> tuple | None:
     """What a merge of `slot` into `layer` is computed from; None where it cannot be merged
-    (a scale known only on the device, slots under training, tensors without version counters)."""
+    (a scale known only on the device, slots under training, stacks written past `set_slot`,
+    tensors without version counters)."""
     scale = layer.slot_scales[slot]
     if scale is None or layer.trainable_A:
         return None
-    weight, lora_A, lora_B = layer.weight, layer.lora_A, layer.lora_B
+    versions = layer.known_versions
+    if versions is None or versions != layer._stack_versions():
+        return None
+    weight = layer.weight
     try:
-        # The version moves with every in-place write (a slot write, an adapter merge into the
-        # base), the data pointer with a replaced tensor.
-        return (weight.data_ptr(), weight._version, lora_A.data_ptr(), lora_A._version,
-                lora_B.data_ptr(), lora_B._version, scale, layer.slot_ranks[slot])  # fmt: skip
-    except RuntimeError:  # inference tensors keep no version counter: nothing tells a change
+        # The base weight's version moves with every in-place write (an adapter merged into the
+        # base), the data pointers with replaced tensors, `slot_writes` with a write into this slot.
+        return (weight.data_ptr(), weight._version, layer.lora_A.data_ptr(), layer.lora_B.data_ptr(),
+                layer.slot_writes[slot], scale, layer.slot_ranks[slot])  # fmt: skip
+    except RuntimeError:  # an inference tensor keeps no version counter: nothing tells a change
         return None
 
 

@@ -187,3 +187,25 @@ def test_a_failed_merge_leaves_batches_unmerged_and_correct(tiny_llama_dir, monk
     merger.before_batch(AdapterRouting(torch.tensor([1, 1, 1])))  # gave up: no more attempts
     assert all(unit.owner.merged is None for unit in merger.units)
     torch.testing.assert_close(_forward(model, [1, 1, 1]), _forward(twin, [1, 1, 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_loading_another_slot_keeps_the_merge_and_a_write_past_set_slot_drops_it(tiny_llama_dir, monkeypatch):
+    (model, layers), (twin, twin_layers) = _models(tiny_llama_dir, fused=False)
+    merger = SlotMerger(model, after_batches=1)
+    merger.before_batch(AdapterRouting(torch.tensor([1, 1, 1])))
+    calls = _count_adapter_calls(monkeypatch)
+    for target in (layers, twin_layers):  # another adapter comes into slot 2
+        for layer in target.values():
+            layer.set_slot(2, torch.ones(RANK, layer.in_features), torch.ones(layer.out_features, RANK) * 0.01, 1.0)
+    ours = _forward(model, [1, 1, 1])
+    assert calls[0] == 0  # still merged: slot 1 did not change
+    torch.testing.assert_close(ours, _forward(twin, [1, 1, 1]), atol=1e-5, rtol=1e-5)
+    assert not any(unit.needs_merge(1) for unit in merger.units)
+    name = sorted(layers)[3]
+    for target in (layers[name], twin_layers[name]):  # straight into slot 1's stacks, not through set_slot
+        with torch.no_grad():
+            target.lora_B[1].mul_(-2.0)
+    calls[0] = 0
+    ours = _forward(model, [1, 1, 1])
+    assert calls[0] == 1  # that layer alone runs unmerged
+    torch.testing.assert_close(ours, _forward(twin, [1, 1, 1]), atol=1e-5, rtol=1e-5)
