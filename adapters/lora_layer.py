@@ -52,6 +52,14 @@ class LoraLinear(Projection):
         # did). Kept with the stacks they view, so replaced buffers (a `.to()`, an assignment)
         # are never read through stale views.
         self._decode_views: tuple[torch.Tensor, torch.Tensor, dict] = (self.lora_A, self.lora_B, {})
+        # A copy of the weight with one slot merged in, for batches all on that slot
+        # (adapters/merged_slot.py); a fused group holds its own instead.
+        self.merged = None
+        # Writes through set_slot, per slot, and the stacks' versions after the last of them: a
+        # merge of one slot stays valid through writes into other slots, and a write that bypasses
+        # set_slot shows as versions the layer does not know.
+        self.slot_writes = [0] * num_slots
+        self.known_versions = self._stack_versions()
 
     @property
     def num_slots(self) -> int:
@@ -69,6 +77,21 @@ class LoraLinear(Projection):
         """Write one adapter's (r, in) / (out, r) weights into `slot`; None clears the slot (an
         adapter that does not target this module adds nothing here). `non_blocking`: copies from
         pinned host memory are queued on the current CUDA stream (server/slot_copies.py)."""
+        self.slot_writes[slot] += 1
+        try:
+            self._write_slot(slot, lora_A, lora_B, scale, non_blocking)
+        finally:
+            self.known_versions = self._stack_versions()
+
+    def _stack_versions(self) -> tuple[int, int, int] | None:
+        try:
+            return self.lora_A._version, self.lora_B._version, self.lora_scale._version
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+
+    def _write_slot(
+        self, slot: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scale: float, non_blocking: bool
+    ) -> None:
         with torch.no_grad():
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
@@ -122,6 +145,9 @@ class LoraLinear(Projection):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, routing: AdapterRouting | None = None) -> torch.Tensor:
+        merged = self.merged.weight_for(routing, (self,)) if self.merged is not None else None
+        if merged is not None:  # every row on the adapter merged into this copy: the base's cost
+            return linear(x, merged, self.bias)
         # The base through its packed weight where that is faster with the same bits (bf16 on a CPU).
         return self.add_adapters(linear(x, self.weight, self.bias), x, routing)
 

@@ -36,6 +36,7 @@ class FusedGroup:
         if any(has_bias) and self.bias is None:
             raise ValueError("a fused group's projections must all have a bias or none")
         self.sizes = [p.out_features for p in projections]
+        self._starts = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
         start = 0
         for projection, size in zip(projections, self.sizes):
             projection.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
@@ -43,6 +44,9 @@ class FusedGroup:
                 projection.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
             start += size
         self._pointers = self._expected_pointers()
+        # A copy of `weight` with one adapter merged into every projection, for batches all on
+        # that adapter (adapters/merged_slot.py: its `weight_for` says whether it serves a batch).
+        self.merged: Any = None
 
     def _expected_pointers(self) -> list[tuple[int, int | None]]:
         pointers, start = [], 0
@@ -66,6 +70,10 @@ class FusedGroup:
         """Each projection's output for `x`, adapters included: one matmul when the group is intact."""
         if not self.intact(projections):
             return [projection(x, routing) for projection in projections]
+        merged = self.merged.weight_for(routing, projections) if self.merged is not None else None
+        if merged is not None:  # the adapters are in the weight: nothing to add
+            out = linear(x, merged, self.bias)
+            return [out.narrow(-1, start, size) for start, size in zip(self._starts, self.sizes)]
         out = linear(x, self.weight, self.bias)  # packed once where that is faster (backbone/packed_linear.py)
         outputs, start = [], 0
         for projection, size in zip(projections, self.sizes):

@@ -170,7 +170,7 @@ def round_ratio_summary(rounds: list[dict[int, float]]) -> dict:
     """The median over rounds of each case's tokens/s over its own round's base, with the per-round
     ratios themselves: their spread is the noise of the machine."""
     summary = {}
-    for distinct in (1, 4, 16):
+    for distinct in rounds[0]:
         per_round = [ratio[distinct] for ratio in rounds]
         summary[f"{distinct}_adapters_vs_base_median"] = round(statistics.median(per_round), 3)
         summary[f"{distinct}_adapters_vs_base_per_round"] = [round(ratio, 3) for ratio in per_round]
@@ -182,6 +182,11 @@ def ratios(report: dict) -> dict:
     ours = report["ours"]
     base = ours["0_adapters"]["tokens_per_s"]
     found = {f"ours_{d}_adapters_vs_ours_base": round(ours[f"{d}_adapters"]["tokens_per_s"] / base, 2) for d in (1, 4, 16)}
+    if "ours_unmerged" in report:  # against its own engine's base
+        unmerged = report["ours_unmerged"]
+        found["ours_1_adapter_unmerged_vs_its_base"] = round(
+            unmerged["1_adapters"]["tokens_per_s"] / unmerged["0_adapters"]["tokens_per_s"], 2
+        )
     if "transformers_generate_base" in report:
         found["ours_base_vs_transformers"] = round(base / report["transformers_generate_base"]["tokens_per_s"], 2)
     if "peft_mixed_batch_16_adapters" in report:
@@ -249,16 +254,21 @@ def main() -> None:
 
         # ---- ours ----
         # "main" runs in the flags' device and dtype (fp32 on the CPU by default); "bf16" is the
-        # same engine in bfloat16 on the CPU, for the bf16 rows.
-        dtypes = {"main": dtype, **({"bf16": torch.bfloat16} if "bf16" in sections else {})}
+        # same engine in bfloat16 on the CPU, for the bf16 rows; "unmerged" is "main" with
+        # single-adapter batches never merged into a copy of the weights (adapters/merged_slot.py),
+        # so the one-adapter case shows what merging gives, against its own round's base.
+        variants = {"main": (dtype, True, (0, 1, 4, 16)), "unmerged": (dtype, False, (0, 1))}
+        if "bf16" in sections:
+            variants["bf16"] = (torch.bfloat16, True, (0, 1, 4, 16))
         register_seconds: list[float] = []
 
-        def start_engine(engine_dtype: torch.dtype, timed: bool) -> Engine:
+        def start_engine(engine_dtype: torch.dtype, timed: bool, merge: bool = True) -> Engine:
             # Rounds repeat the same prompts: the prefix cache (measured on its own workload above)
             # is off here, so every round prefills its whole prompts as the first one does.
             engine = Engine(load_model(model_dir, dtype=engine_dtype, device=device), tokenizer,
                             EngineConfig(max_running=batch_size, max_loras=batch_size, max_lora_rank=RANK,
-                                         max_context=prompt_len + new_tokens, prefix_cache=False), "bench")
+                                         max_context=prompt_len + new_tokens, prefix_cache=False,
+                                         merge_single_adapter=merge), "bench")
             for index, path in enumerate(paths):
                 started = time.perf_counter()
                 engine.register_adapter(f"a{index}", path)
@@ -269,8 +279,8 @@ def main() -> None:
             engine_run(engine, batch, [f"a{i}" for i in range(batch_size)], 2)  # every adapter resident
             return engine
 
-        results = {name: {} for name in dtypes}
-        round_ratios = {name: [] for name in dtypes}  # per round: each case's tokens/s over that round's base
+        results = {name: {} for name in variants}
+        round_ratios = {name: [] for name in variants}  # per round: each case's tokens/s over that round's base
         stats = None
         # Only one engine is alive at a time: each engine's worker owns an OpenMP team, and two
         # teams on these cores make every small matmul of both pay a futex wake-up
@@ -280,29 +290,32 @@ def main() -> None:
         # shared, and interleaving spreads a slow spell over all cases instead of one. A round
         # runs an engine's cases back to back, so its own ratios share one state of the machine:
         # their median (beside the ratios of the fastest rounds) shows how much the noise moved them.
+        # A fresh engine also merges afresh: the one-adapter case pays for its merge every round.
         for round_index in range(args.rounds):
-            for name, engine_dtype in dtypes.items():
-                engine = start_engine(engine_dtype, timed=round_index == 0 and name == "main")
+            for name, (engine_dtype, merge, cases) in variants.items():
+                engine = start_engine(engine_dtype, timed=round_index == 0 and name == "main", merge=merge)
                 speed = {}
-                for distinct in (0, 1, 4, 16):
+                for distinct in cases:
                     adapters = [None if distinct == 0 else f"a{row % distinct}" for row in range(batch_size)]
                     run = engine_run(engine, batch, adapters, new_tokens)
                     speed[distinct] = run["tokens_per_s"]
                     best = results[name].get(f"{distinct}_adapters")
                     if best is None or run["seconds"] < best["seconds"]:
                         results[name][f"{distinct}_adapters"] = run
-                round_ratios[name].append({d: speed[d] / speed[0] for d in (1, 4, 16)})
+                round_ratios[name].append({d: speed[d] / speed[0] for d in cases if d})
                 if stats is None and name == "main":
                     stats = engine.stats()
                 engine.shutdown()
-        if "bf16" in dtypes:  # token ids only: here both engines may be alive, which slows but does not change them
-            main_engine, bf16_engine = start_engine(dtypes["main"], False), start_engine(torch.bfloat16, False)
+        if "bf16" in variants:  # token ids only: here both engines may be alive, which slows but does not change them
+            main_engine, bf16_engine = start_engine(dtype, False), start_engine(torch.bfloat16, False)
             report["bf16_greedy_agreement_with_fp32"] = greedy_agreement(main_engine, bf16_engine, tokenizer)
             main_engine.shutdown()
             bf16_engine.shutdown()
         ours = results["main"]
         report["ours"] = ours
         report["ours_round_ratios"] = round_ratio_summary(round_ratios["main"])
+        report["ours_unmerged"] = results["unmerged"]
+        report["ours_unmerged_round_ratios"] = round_ratio_summary(round_ratios["unmerged"])
         if "bf16" in round_ratios:
             report["ours_bfloat16_round_ratios"] = round_ratio_summary(round_ratios["bf16"])
         if "bf16" in results:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from adapters.merged_slot import SlotMerger
 from adapters.routing import AdapterRouting
 from backbone.model import CausalLM
 from backbone.sampling import sample_next_tokens
@@ -43,6 +44,7 @@ class BatchRunner:
         on_finish: Callable[[Row, Finished], None],
         slot_copies: SlotCopier | None = None,
         prefix_cache: PrefixCache | None = None,
+        merger: SlotMerger | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -52,6 +54,7 @@ class BatchRunner:
         self._device = model.inv_freq.device
         self._slot_copies = slot_copies  # a batch waits for pending writes to the slots it reads
         self.prefix_cache = prefix_cache
+        self.merger = merger  # merges an adapter that has had every row for a while
 
     def step(self, rows: list[Row]) -> None:
         """Advance every row by one step; finished rows are reported through `on_finish`."""
@@ -239,9 +242,13 @@ class BatchRunner:
         return host_to_device(torch.tensor(values, dtype=torch.long), self._device)
 
     def _routing(self, slots: list[int]) -> AdapterRouting | None:
-        if all(slot < 0 for slot in slots):
-            return None  # the base alone: skip the LoRA path entirely
-        if self._slot_copies is not None:
-            self._slot_copies.ready(slot for slot in set(slots) if slot >= 0)
-        # Built on the host, so its derived fields cost no device sync, then moved.
-        return AdapterRouting(torch.tensor(slots, dtype=torch.long)).to(self._device, non_blocking=self._device.type == "cuda")
+        """The routing of the batch about to run; the merger sees it first (it may merge now)."""
+        routing = None  # the base alone: skip the LoRA path entirely
+        if any(slot >= 0 for slot in slots):
+            if self._slot_copies is not None:
+                self._slot_copies.ready(slot for slot in set(slots) if slot >= 0)
+            # Built on the host, so its derived fields cost no device sync, then moved.
+            routing = AdapterRouting(torch.tensor(slots, dtype=torch.long)).to(self._device, non_blocking=self._device.type == "cuda")
+        if self.merger is not None:
+            self.merger.before_batch(routing)
+        return routing

@@ -28,6 +28,7 @@ class MemoryPlan:
     lora_slot_bytes: int  # slots x max rank x (in + out) over every adapted module
     activation_bytes: int  # an estimate of the largest step's transient tensors
     prefix_cache_bytes: int  # the prefix cache's budget of kept KV blocks (0 when it is off)
+    merged_adapter_bytes: int  # a copy of every adapted weight for the merged adapter (0 when off)
     rows: int
     positions: int
     slots: int
@@ -35,25 +36,30 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.kv_cache_bytes + self.lora_slot_bytes + self.activation_bytes + self.prefix_cache_bytes
+        return (self.kv_cache_bytes + self.lora_slot_bytes + self.activation_bytes + self.prefix_cache_bytes
+                + self.merged_adapter_bytes)  # fmt: skip
 
 
 def plan_memory(
-    model: CausalLM, rows: int, positions: int, slots: int, max_rank: int, prefill_chunk: int, prefix_cache_bytes: int = 0
+    model: CausalLM, rows: int, positions: int, slots: int, max_rank: int, prefill_chunk: int, prefix_cache_bytes: int = 0,
+    merge_single_adapter: bool = False,
 ) -> MemoryPlan:
     """What the engine will allocate on the model's device besides the weights. The prefix cache
     fills up to its budget with blocks kept on the same device, so the budget counts in full; the
-    blocks it keeps in idle cache rows cost nothing beyond the KV cache (server/prefix_kv.py)."""
+    blocks it keeps in idle cache rows cost nothing beyond the KV cache (server/prefix_kv.py).
+    A merged adapter (adapters/merged_slot.py) holds a copy of every weight LoRA adapts."""
     config = model.config
     element = model.lm_head.weight.element_size()  # the KV cache and the slots are in the model dtype
     kv = 2 * config.num_hidden_layers * rows * config.num_key_value_heads * positions * config.head_dim * element
-    widths = sum(module.in_features + module.out_features for module in model.linear_modules().values())
+    modules = model.linear_modules().values()
+    widths = sum(module.in_features + module.out_features for module in modules)
+    merged = sum(module.weight.numel() for module in modules) * element if merge_single_adapter else 0
     lora = slots * max_rank * widths * element + slots * len(model.linear_modules()) * 4  # + fp32 scales
     # The largest step: a prefill chunk's hidden, attention and MLP activations in the model dtype,
     # and the fp32 logits the sampler works on (with a sorted copy for top-p), for every row.
     per_token = 4 * config.hidden_size + 3 * config.intermediate_size
     activations = 2 * prefill_chunk * per_token * element + 3 * max(rows, 1) * config.vocab_size * 4
-    return MemoryPlan(kv, lora, activations, prefix_cache_bytes, rows, positions, slots, max_rank)
+    return MemoryPlan(kv, lora, activations, prefix_cache_bytes, merged, rows, positions, slots, max_rank)
 
 
 def check_fits(plan: MemoryPlan, device: str, free_bytes: int, total_bytes: int, fraction: float) -> None:
@@ -69,10 +75,11 @@ def check_fits(plan: MemoryPlan, device: str, free_bytes: int, total_bytes: int,
         f"the engine needs {plan.total_bytes / GIB:.2f} GiB on {device} (KV cache {plan.rows} rows x {plan.positions} "
         f"positions = {plan.kv_cache_bytes / GIB:.2f} GiB, LoRA slots {plan.slots} x rank {plan.max_rank} = "
         f"{plan.lora_slot_bytes / GIB:.2f} GiB, activations ~{plan.activation_bytes / GIB:.2f} GiB, prefix cache "
-        f"{plan.prefix_cache_bytes / GIB:.2f} GiB) but "
+        f"{plan.prefix_cache_bytes / GIB:.2f} GiB, merged adapter {plan.merged_adapter_bytes / GIB:.2f} GiB) but "
         f"--gpu-memory-fraction {fraction} of {total_bytes / GIB:.2f} GiB leaves {max(available, 0) / GIB:.2f} GiB "
         f"({in_use / GIB:.2f} GiB already in use: the weights and other processes); lower --max-running, "
-        "--max-context, --max-loras, --max-lora-rank or --prefix-cache-mb, or raise --gpu-memory-fraction"
+        "--max-context, --max-loras, --max-lora-rank or --prefix-cache-mb, pass --no-merge-single-adapter, "
+        "or raise --gpu-memory-fraction"
     )
 
 

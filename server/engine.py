@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.injection import inject_lora
+from adapters.merged_slot import MergeStats, SlotMerger
 from backbone.model import CausalLM
 from backbone.tokenizer import Tokenizer
 from router.adapter_registry import AdapterInfo
@@ -65,6 +66,7 @@ class EngineConfig:
     prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before, per adapter version
     prefix_cache_mb: float = 256.0  # prefix blocks moved out of cache rows reused by new requests (idle rows keep theirs free)
     prefix_block_tokens: int = 16  # cache granularity: a prefix is reused in whole blocks
+    merge_single_adapter: bool = True  # a batch all on one adapter runs on a merged copy of the weights
 
 
 @dataclass
@@ -92,6 +94,7 @@ class EngineStats:
     finished: dict[str, int]  # finish_reason -> requests
     steps: int
     prefix_cache: PrefixCacheStats | None = None  # None = the prefix cache is off
+    merged_adapter: MergeStats | None = None  # None = single-adapter batches are never merged
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Engine:
         device = model.inv_freq.device
         prefix_bytes = int(config.prefix_cache_mb * 2**20) if config.prefix_cache else 0
         plan = plan_memory(model, config.max_running, positions, config.max_loras, config.max_lora_rank, config.prefill_chunk,
-                           prefix_bytes)  # fmt: skip
+                           prefix_bytes, config.merge_single_adapter)  # fmt: skip
         check_device_memory(plan, device, config.gpu_memory_fraction)  # before anything is allocated
         layers = inject_lora(model, model.linear_modules(), num_slots=config.max_loras, max_rank=config.max_lora_rank)
         self._lock = threading.RLock()  # re-entered when an adapter call under it wakes the worker
@@ -150,6 +153,7 @@ class Engine:
         self._runner = BatchRunner(
             model, self._pool, stop_ids, config.prefill_chunk, self._row_finished,
             slot_copies=self.tiers.copier, prefix_cache=self._prefix,
+            merger=SlotMerger(model) if config.merge_single_adapter else None,
         )  # fmt: skip
         self._admission = Admission(config, self._lock)
         self._rows: list[Row] = []
@@ -326,6 +330,7 @@ class Engine:
                 finished=dict(self._counters.finished),
                 steps=self._counters.steps,
                 prefix_cache=self._prefix.stats() if self._prefix is not None else None,
+                merged_adapter=self._runner.merger.stats() if self._runner.merger is not None else None,
             )
 
     # ---- the worker ------------------------------------------------------------------------

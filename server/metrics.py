@@ -156,6 +156,16 @@ class EngineStatsCollector(Collector):
                 )
         if stats.prefix_cache is not None:
             yield from _prefix_cache_metrics(stats.prefix_cache)
+        if stats.merged_adapter is not None:
+            merged = stats.merged_adapter
+            yield CounterMetricFamily(
+                "loraplex_merged_adapter_batches", "Batches all on one adapter that ran on its merged weights", value=merged.batches
+            )
+            yield CounterMetricFamily(
+                "loraplex_merged_adapter_merge_seconds", "Time spent merging adapters into copies of the weights",
+                value=merged.seconds,
+            )
+            yield _gauge("loraplex_merged_adapter_bytes", "Memory held by merged copies of the weights", merged.nbytes)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],

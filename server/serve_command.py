@@ -39,7 +39,7 @@ log = logging.getLogger("loraplex.serve")
 
 # Config-file keys that map onto EngineConfig fields of the same name.
 ENGINE_KEYS = ("max_running", "max_queued", "max_context", "max_loras", "max_cpu_loras", "max_lora_rank", "prefill_chunk", "strict_base",
-               "gpu_memory_fraction", "prefix_cache", "prefix_cache_mb", "prefix_block_tokens")  # fmt: skip
+               "gpu_memory_fraction", "prefix_cache", "prefix_cache_mb", "prefix_block_tokens", "merge_single_adapter")  # fmt: skip
 SERVER_KEYS = (
     "model", "served_model_name", "host", "port", "request_timeout", "max_body_bytes", "dashboard", "device", "dtype",
     "adapter_store", "sync_store", "store_poll_seconds", "drain_timeout",
@@ -124,6 +124,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--prefix-cache-mb", type=float,
                        help="memory for prefix KV blocks moved out of cache rows that new requests reuse "
                        "(default 256; idle rows keep their blocks at no cost)")
+    serve.add_argument("--no-merge-single-adapter", dest="merge_single_adapter", action="store_false", default=None,
+                       help="never merge an adapter into a copy of the weights (by default, once a few batches in a row "
+                       "are all on one adapter, it is merged so they run at the base model's speed; the copy costs the "
+                       "memory of the adapted weights)")
     serve.set_defaults(run=run_serve)
 
 
@@ -152,6 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "adapter_store": args.adapter_store, "sync_store": args.sync_store,
         "store_poll_seconds": args.store_poll_seconds, "drain_timeout": args.drain_timeout,
         "prefix_cache": args.prefix_cache, "prefix_cache_mb": args.prefix_cache_mb,
+        "merge_single_adapter": args.merge_single_adapter,
         **{key: getattr(args, key) for key in (*SAFETY_KEYS, *TENANT_KEYS)},
     }
     merged = {**config, **{key: value for key, value in flags.items() if value is not None}}
@@ -189,6 +194,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         engine = EngineConfig(**{key: merged[key] for key in ENGINE_KEYS if key in merged})
     except TypeError as err:
         raise ServeConfigError(f"engine settings are malformed: {err}") from None
+    for key, flag in (("prefix_cache", "--no-prefix-cache"), ("merge_single_adapter", "--no-merge-single-adapter")):
+        if not isinstance(getattr(engine, key), bool):
+            raise ServeConfigError(f"{key} ({flag}) must be true or false, got {getattr(engine, key)!r}")
     if not isinstance(engine.prefix_cache_mb, (int, float)) or engine.prefix_cache_mb < 0:
         raise ServeConfigError(f"prefix_cache_mb (--prefix-cache-mb) must be a number of MiB >= 0, got {engine.prefix_cache_mb!r}")
     server_fields = {key: merged[key] for key in (*SERVER_KEYS, *SAFETY_KEYS) if merged.get(key) is not None}

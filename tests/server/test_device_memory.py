@@ -29,6 +29,12 @@ def test_plan_counts_what_the_engine_allocates(model_dir, dtype):
     slot_bytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.lora_A, layer.lora_B, layer.lora_scale))
     assert plan.lora_slot_bytes == slot_bytes
     assert plan.prefix_cache_bytes == 0  # the plan's default: no prefix cache
+    assert plan.merged_adapter_bytes == 0  # nor a merged adapter
+    # A merged adapter is a copy of every weight the LoRA layers adapt, in the model dtype.
+    merged = plan_memory(model, 3, positions, 2, 8, 8, merge_single_adapter=True)
+    assert merged.merged_adapter_bytes == sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    assert merged.total_bytes - plan.total_bytes == merged.merged_adapter_bytes
+    assert f"merged adapter {merged.merged_adapter_bytes / GIB:.2f} GiB" in _refusal(merged)
 
 
 def test_the_prefix_cache_budget_counts_in_the_plan(model_dir):
@@ -58,7 +64,8 @@ def test_a_plan_that_does_not_fit_names_the_numbers_and_the_fix(model_dir):
     assert "\n" not in message
     assert f"needs {plan.total_bytes / GIB:.2f} GiB on cuda:0" in message
     assert "KV cache 16 rows x 8192 positions" in message and "LoRA slots 8 x rank 64" in message
-    assert "lower --max-running, --max-context, --max-loras, --max-lora-rank or --prefix-cache-mb, or raise --gpu-memory-fraction" in message
+    assert ("lower --max-running, --max-context, --max-loras, --max-lora-rank or --prefix-cache-mb, pass "
+            "--no-merge-single-adapter, or raise --gpu-memory-fraction") in message
 
 
 def test_memory_fraction_outside_0_1_is_refused(model_dir):

@@ -96,3 +96,14 @@ def test_prefix_cache_is_on_by_default_and_turns_off_by_flag_or_config(tmp_path)
     assert settings.engine.prefix_cache is False and settings.engine.prefix_cache_mb == 32
     with pytest.raises(ServeConfigError, match=r"--prefix-cache-mb\) must be a number of MiB >= 0, got -1"):
         parse("--prefix-cache-mb", "-1")
+
+
+def test_merging_single_adapter_batches_is_on_by_default_and_turns_off_by_flag_or_config(tmp_path):
+    assert parse().engine.merge_single_adapter is True
+    assert parse("--no-merge-single-adapter").engine.merge_single_adapter is False
+    config = tmp_path / "serve.yaml"
+    config.write_text("merge_single_adapter: false\n")
+    assert parse("--config", str(config)).engine.merge_single_adapter is False
+    config.write_text("merge_single_adapter: 'no'\n")  # a string, which would read as true
+    with pytest.raises(ServeConfigError, match=r"merge_single_adapter \(--no-merge-single-adapter\) must be true or false, got 'no'"):
+        parse("--config", str(config))

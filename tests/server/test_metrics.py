@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.merged_slot import MergeStats
 from server.app import ServerSettings
 from server.metrics import EngineStatsCollector, GenerationTimer, ServerMetrics
 from server.prefix_kv import PrefixCacheStats
@@ -91,12 +92,13 @@ def test_metrics_count_the_traffic_sent(tmp_path):
     assert resident == {"alpha@1", "beta@1"}
 
 
-def test_prefix_cache_counters_come_from_the_engine():
+def test_prefix_cache_and_merged_adapter_counters_come_from_the_engine():
     prefix = PrefixCacheStats(hit_tokens=96, miss_tokens=40, evictions=3, dropped_blocks=2, blocks=5, row_blocks=4, nbytes=500,
                               budget_bytes=1000)
     stats = SimpleNamespace(queued=0, running=0, max_running=4, resident=[], max_loras=2, cpu_cache_entries=0,
                             disk_load_seconds_p50=None, disk_load_seconds_p95=None, running_adapters={},
-                            waiting_adapters={}, slot_writes=0, disk_loads=0, prefix_cache=prefix)
+                            waiting_adapters={}, slot_writes=0, disk_loads=0, prefix_cache=prefix,
+                            merged_adapter=MergeStats(batches=7, seconds=0.25, nbytes=4096))
     metrics = ServerMetrics()
     metrics.registry.register(EngineStatsCollector(lambda: stats))
     found = samples(metrics.exposition().decode())
@@ -106,5 +108,8 @@ def test_prefix_cache_counters_come_from_the_engine():
     assert value(found, "loraplex_prefix_cache_dropped_blocks_total") == 2
     assert value(found, "loraplex_prefix_cache_blocks") == 5 and value(found, "loraplex_prefix_cache_row_blocks") == 4
     assert value(found, "loraplex_prefix_cache_bytes") == 500
-    stats.prefix_cache = None  # --no-prefix-cache: no series at all
-    assert not any(name.startswith("loraplex_prefix") for name, _ in samples(metrics.exposition().decode()))
+    assert value(found, "loraplex_merged_adapter_batches_total") == 7
+    assert value(found, "loraplex_merged_adapter_merge_seconds_total") == 0.25
+    assert value(found, "loraplex_merged_adapter_bytes") == 4096
+    stats.prefix_cache = stats.merged_adapter = None  # --no-prefix-cache, --no-merge-single-adapter: no series at all
+    assert not any(name.startswith(("loraplex_prefix", "loraplex_merged")) for name, _ in samples(metrics.exposition().decode()))
