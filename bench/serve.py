@@ -8,6 +8,8 @@ adapters), the ratios, adapter hot-load latency, and throughput with many regist
 and few slots under Zipf popularity relative to all of them resident. Also: the multi-task
 prefix workload with and without the prefix cache (bench/serve_workloads.py), and, on a CPU with
 native bf16, the same engine cases with the model in bfloat16 and their greedy agreement with fp32.
+The one-adapter case also runs on an engine that never merges single-adapter batches into a copy
+of the weights (`ours_unmerged`), so the merge's share shows beside it.
 
     .venv/bin/python bench/serve.py [--quick] [--model default|PATH] [--sections adapters,prefix,bf16,...]
                                     [--device cuda --dtype bfloat16]
@@ -317,6 +319,7 @@ def main() -> None:
         ours = results["main"]
         report["ours"] = ours
         report["ours_round_ratios"] = round_ratio_summary(round_ratios["main"])
+        report["merged_adapter_first_round"] = vars(stats.merged_adapter)  # batches run merged, merge time, bytes
         report["ours_unmerged"] = results["unmerged"]
         report["ours_unmerged_round_ratios"] = round_ratio_summary(round_ratios["unmerged"])
         if "bf16" in round_ratios:
