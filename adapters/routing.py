@@ -41,18 +41,21 @@ class AdapterRouting:
     active_slots: torch.Tensor = field(init=False)
     row_to_active: torch.Tensor = field(init=False)
     rows_on_adapters: int = field(init=False)  # rows with a slot of their own (not -1)
-    active_mask: torch.Tensor = field(init=False)  # (B, U) one-hot: row b uses active adapter u
     active_list: list[int] = field(init=False)  # active_slots on the host, read once per batch
     # The active slots as a slice when they are consecutive (the slot manager fills slots in
     # order), so layers can take views of their stacks instead of gathering.
     active_range: slice | None = field(init=False)
-    # When every row on an adapter has an adapter of its own in consecutive slots: the row of each
-    # of those slots, in slot order. Decode then runs each row through views of its own weights.
-    rows_by_slot: torch.Tensor | None = field(init=False)
-    # rows_by_slot is 0..B-1: row b is on the b-th slot of active_range, so decode needs neither
-    # a gather of the rows' inputs nor a scatter of their deltas (the engine's usual full batch
-    # when requests took cache rows and slots in the same order).
+    # Every row on an adapter of its own, row b on slot active_range.start + b: decode needs
+    # neither a gather of the rows' inputs nor a scatter of their deltas (the engine's usual full
+    # batch when requests took cache rows and slots in the same order).
     rows_in_slot_order: bool = field(init=False)
+    # Decode's rows grouped by adapter, as SGMV groups them: the u-th active adapter's rows are
+    # group_rows[u * group_width : (u + 1) * group_width], group_width being the most rows any
+    # adapter has, the rest padded with row 0; group_pad (U, group_width, 1) is 1 for a real row
+    # and 0 for a pad, None when every adapter has group_width rows (nothing padded).
+    group_rows: torch.Tensor = field(init=False)
+    group_width: int = field(init=False)
+    group_pad: torch.Tensor | None = field(init=False)
     # The one slot of a batch whose rows are all on the same adapter (none on the base), else None:
     # decode's cheapest case, two matmuls on views of that slot.
     single_slot: int | None = field(init=False)
@@ -62,29 +65,38 @@ class AdapterRouting:
 
     def __post_init__(self) -> None:
         self.slot_ids = self.slot_ids.long()
-        used = self.slot_ids[self.slot_ids >= 0]
+        on_adapter = self.slot_ids >= 0
+        used = self.slot_ids[on_adapter]
         self.rows_on_adapters = int(used.numel())
         self.active_slots, inverse = torch.unique(used, return_inverse=True)
         self.row_to_active = torch.full_like(self.slot_ids, -1)
-        self.row_to_active[self.slot_ids >= 0] = inverse
-        in_use = torch.arange(self.active_slots.numel(), device=self.slot_ids.device)
-        self.active_mask = (self.row_to_active[:, None] == in_use).float()
+        self.row_to_active[on_adapter] = inverse
         self.active_list = self.active_slots.tolist()
         first = self.active_list[0] if self.active_list else 0
         consecutive = self.active_list == list(range(first, first + len(self.active_list)))
         self.active_range = slice(first, first + len(self.active_list)) if self.active_list and consecutive else None
-        self.rows_by_slot = None
-        self.rows_in_slot_order = False
         every_row = self.rows_on_adapters == len(self.slot_ids)
         self.single_slot = self.active_list[0] if len(self.active_list) == 1 and every_row else None
         self.own_adapters_only = self.shared_slot is None and self.dropout is None
-        if self.active_range is not None and self.rows_on_adapters == len(self.active_list):
-            rows = (self.slot_ids >= 0).nonzero().squeeze(1)
-            self.rows_by_slot = torch.empty_like(rows)
-            self.rows_by_slot[self.row_to_active[rows]] = rows
-            self.rows_in_slot_order = every_row and bool(
-                (self.slot_ids == torch.arange(first, first + len(self.slot_ids), device=self.slot_ids.device)).all()
-            )
+        self.rows_in_slot_order = self.active_range is not None and every_row and bool(
+            (self.slot_ids == torch.arange(first, first + len(self.slot_ids), device=self.slot_ids.device)).all()
+        )
+        self._group_rows(on_adapter.nonzero().squeeze(1), inverse)
+
+    def _group_rows(self, rows: torch.Tensor, inverse: torch.Tensor) -> None:
+        adapters = len(self.active_list)
+        counts = torch.bincount(inverse, minlength=adapters)
+        self.group_width = width = int(counts.max()) if adapters else 0
+        order = torch.argsort(inverse, stable=True)  # the adapter rows, adapter by adapter
+        starts = torch.cumsum(counts, 0) - counts
+        within = torch.arange(len(order), device=rows.device) - starts[inverse[order]]
+        grouped = torch.zeros(adapters, width, dtype=torch.long, device=rows.device)
+        grouped[inverse[order], within] = rows[order]
+        self.group_rows = grouped.view(-1)
+        self.group_pad = None
+        if adapters and bool((counts < width).any()):
+            self.group_pad = torch.zeros(adapters, width, 1, device=rows.device)
+            self.group_pad[inverse[order], within] = 1.0
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "AdapterRouting":
         """This routing with its tensors on `device`. Built on the host first, a batch's routing
@@ -92,7 +104,7 @@ class AdapterRouting:
         if self.slot_ids.device == device:
             return self
         moved = copy.copy(self)
-        for name in ("slot_ids", "task_ids", "active_slots", "row_to_active", "active_mask", "rows_by_slot"):
+        for name in ("slot_ids", "task_ids", "active_slots", "row_to_active", "group_rows", "group_pad"):
             value = getattr(self, name)
             if value is not None:
                 value = value.pin_memory() if non_blocking else value

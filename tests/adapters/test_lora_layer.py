@@ -31,9 +31,9 @@ def test_mixed_rows_match_reference(length):
 @pytest.mark.parametrize(
     "slot_ids",
     [
-        [0, 0, 1, 1, -1, 0, 1, 2],  # rows share adapters: decode's dense path over the adapters in use
-        [0, 1, 2, -1, 3, 2],  # mostly distinct adapters: decode's per-row gathered path
-        [2, -1, 2, 2],  # one adapter and the base: decode's single-adapter path
+        [0, 0, 1, 1, -1, 0, 1, 2],  # rows share adapters unevenly: decode's groups, padded
+        [0, 1, 2, -1, 3, 2],  # mostly distinct adapters
+        [2, -1, 2, 2],  # one adapter and the base
         [-1, -1],  # nobody on an adapter
     ],
 )
@@ -197,8 +197,8 @@ def test_batch_computes_only_up_to_the_largest_rank_in_use(length):
         [0, 1, 2, 3],  # the same with rows in slot order: no gather, no scatter (scales differ)
         [1, 2, 3],  # in slot order from slot 1
         [-1, 3, 2, -1, 1],  # the same with rows on the base between them
-        [0, 2, -1],  # distinct but not consecutive: the gather paths
-        [1, 1, 2, 3, 3],  # shared adapters in consecutive slots: the dense path on views
+        [0, 2, -1],  # distinct but not consecutive: the weights gathered
+        [1, 1, 2, 3, 3],  # shared adapters in consecutive slots: groups on views of the stacks
     ],
 )
 def test_decode_paths_over_consecutive_slots_match_reference(slot_ids):
@@ -242,7 +242,7 @@ def test_decode_gather_path_over_scattered_slots_matches_reference(slot_ids):
     "slot_ids",
     [
         [2, 2, 2],  # every row on one adapter: no mask, the scale as addmm's alpha
-        [2, -1, 2],  # one adapter beside rows on the base: the masked path
+        [2, -1, 2],  # one adapter beside rows on the base: one group
         [3, 1, 2, 0],  # each row its own adapter, one scale for all: the scale as index_add's alpha
         [1, -1, 0],  # the same with a row on the base
         [0, 1, 2, 3],  # rows in slot order: the scale as baddbmm's alpha, in place
@@ -317,3 +317,33 @@ def test_decode_sees_a_hot_swap_between_steps_of_one_routing(slot_ids):
         torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
         layer.set_slot(1, torch.randn(6, 16), torch.randn(24, 6), scale=0.5)  # another scale
         torch.testing.assert_close(layer(x, routing), reference_lora_forward(layer, x, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("slot_ids", "groups", "padded"),
+    [
+        ([1, 0, 1, -1, 1, 0], [[1, 5, 0], [0, 2, 4]], True),  # slot 0 has 2 rows, slot 1 has 3: one pad
+        ([3, 3, 0, 0], [[2, 3], [0, 1]], False),  # even groups: nothing padded
+        ([-1, 2, -1], [[1]], False),
+    ],
+)
+def test_routing_groups_decode_rows_by_adapter(slot_ids, groups, padded):
+    routing = AdapterRouting(torch.tensor(slot_ids))
+    width = len(groups[0])
+    assert routing.group_width == width
+    assert routing.group_rows.view(-1, width).tolist() == groups
+    assert (routing.group_pad is not None) == padded
+    if padded:
+        assert routing.group_pad.squeeze(-1).tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_bf16_decode_groups_match_the_fp32_reference():
+    torch.manual_seed(2)
+    layer = LoraLinear(nn.Linear(16, 24, bias=True), num_slots=3, max_rank=4)
+    for slot, (rank, scale) in enumerate(((2, 1.0), (4, 2.0), (3, 0.5))):  # scales differ: multiplied in
+        layer.set_slot(slot, torch.randn(rank, 16), torch.randn(24, rank), scale=scale)
+    x = torch.randn(6, 1, 16)
+    routing = AdapterRouting(torch.tensor([1, 0, 1, -1, 1, 2]))
+    expected = reference_lora_forward(layer, x, routing)
+    layer = layer.to(torch.bfloat16)
+    torch.testing.assert_close(layer(x.bfloat16(), routing).float(), expected, atol=0.1, rtol=0.03)
