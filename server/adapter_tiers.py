@@ -309,8 +309,11 @@ class AdapterTiers:
             log.error("adapter %s could not be read back from %s: %s", info.key, info.path, err)
             # Clients see no server paths or exception text; the log above has them.
             why = ": its files changed on disk since it was registered" if isinstance(err, AdapterChangedError) else ""
+            # Loading a name again makes a new version, which a pinned version's experiment does not follow.
+            fix = ("register its files again and point the experiment at the new version"
+                   if info.key in self.cpu.held() else "load it again")  # fmt: skip
             with self._lock:
-                self._failed[info.key] = f"adapter {info.key} could not be read back from disk{why}; load it again"
+                self._failed[info.key] = f"adapter {info.key} could not be read back from disk{why}; {fix}"
         else:
             self.cpu.put(info.key, weights)
             with self._lock:

@@ -114,6 +114,7 @@ def test_a_pin_of_a_version_whose_bytes_are_gone_fails_its_requests_by_name(mode
         end = _serve(engine, "x@1").result(0)
         assert end.finish_reason == "error" and end.token_ids == []
         assert "x@1" in end.error and "changed on disk" in end.error
+        assert end.error.endswith("point the experiment at the new version")  # loading x again would not fix x@1
         assert str(tmp_path) not in end.error  # clients see no server paths
     finally:
         engine.shutdown()
