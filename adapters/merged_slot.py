@@ -102,22 +102,23 @@ class MergeUnit:
             self.copy = torch.zeros_like(self.owner.weight, requires_grad=False)
 
     def _stamp_to_merge(self, slot: int) -> tuple | None:
+        """The stamp a merge of `slot` would carry, or None where there is nothing to merge."""
         if self.group is not None and not self.group.intact(self.layers):
             return None  # the group runs its projections one by one now, unmerged
         if all(layer.slot_ranks[slot] == 0 for layer in self.layers):
             return None  # the adapter does not touch this weight: the unmerged path costs the base
-        return unit_stamp(self.layers, slot)
+        stamp = unit_stamp(self.layers, slot)
+        merged = self.owner.merged
+        if stamp is None or (merged is not None and merged.slot == slot and merged.stamp == stamp):
+            return None  # not mergeable, or merged already
+        return stamp
 
     def needs_merge(self, slot: int) -> bool:
         """Whether merging `slot` here would change what serves it: mergeable, and not merged yet."""
-        stamp = self._stamp_to_merge(slot)
-        if stamp is None:
-            return False
-        merged = self.owner.merged
-        return merged is None or merged.slot != slot or merged.stamp != stamp
+        return self._stamp_to_merge(slot) is not None
 
     def merge(self, slot: int) -> int:
-        """Merge `slot` into this unit's copy (where `needs_merge`); returns the elements written."""
+        """Merge `slot` into this unit's copy where it `needs_merge`; returns the elements written."""
         stamp = self._stamp_to_merge(slot)
         if stamp is None:
             return 0
@@ -197,13 +198,13 @@ class SlotMerger:
         budget = self.elements_per_batch
         complete = True
         for unit in self.units:
-            if not unit.needs_merge(slot):
-                continue
             if budget <= 0:
-                complete = False  # the next batch goes on from here
-                break
+                if unit.needs_merge(slot):
+                    complete = False  # the next batch goes on from here
+                    break
+                continue
             try:
-                budget -= unit.merge(slot)
+                budget -= unit.merge(slot)  # 0 where there is nothing to merge
             except Exception:  # the batch must not fail for an optimisation: it runs unmerged
                 log.exception("merging an adapter into a copy of the weights failed; single-adapter batches run unmerged")
                 self._failed, complete = True, False
