@@ -1,32 +1,16 @@
 """The engine with single-adapter batches merged into a copy of the weights (adapters/merged_slot.py):
-every request still equals the same request generated alone with its adapter in a slot."""
-
-import pytest
+every request still equals the same request generated alone with its adapter in a slot. The
+tiny model and adapters "a" and "b" come from tests/server/conftest.py."""
 
 from backbone.loading import load_model
 from backbone.sampling import SamplingParams
 from backbone.tokenizer import Tokenizer
-from engine_fixtures import reference_completion, save_random_adapter, save_tiny_model_with_tokenizer
+from engine_fixtures import prompt_tokens, reference_completion
 from server.engine import Engine, EngineConfig, GenerationRequest
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("merged_model"))
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("merged_adapters")
-    return {name: save_random_adapter(root / name, model_dir, seed=seed) for seed, name in enumerate(["a", "b"], 1)}
-
-
-def _prompt(seed: int, length: int) -> list[int]:
-    return [3 + (seed * 37 + i * 11) % 120 for i in range(length)]
-
-
 def _run(engine: Engine, plan: list[tuple[str | None, int]], params: SamplingParams) -> list:
-    handles = [engine.submit(GenerationRequest(_prompt(seed, length), params, adapter=adapter))
+    handles = [engine.submit(GenerationRequest(prompt_tokens(seed, length), params, adapter=adapter))
                for seed, (adapter, length) in enumerate(plan)]  # fmt: skip
     return [handle.result(timeout=60) for handle in handles]
 
@@ -55,13 +39,13 @@ def test_merged_runs_and_the_runs_after_them_equal_single_adapter_references(mod
         engine.shutdown()
     for plan, phase in zip(phases, results):
         for seed, ((adapter, length), result) in enumerate(zip(plan, phase)):
-            expected = reference_completion(model_dir, adapter_dirs.get(adapter), _prompt(seed, length), params)
+            expected = reference_completion(model_dir, adapter_dirs.get(adapter), prompt_tokens(seed, length), params)
             assert result.token_ids == expected, f"request {seed} on {adapter or 'base'}"
     assert 0 < merged_batches[0] < merged_batches[1]  # both adapters' phases ran merged
     model = load_model(model_dir)
     assert nbytes == sum(m.weight.numel() * m.weight.element_size() for m in model.linear_modules().values())
     # The adapters change the output, so the comparison is not vacuous.
-    assert reference_completion(model_dir, None, _prompt(0, 9), params) != results[0][0].token_ids
+    assert reference_completion(model_dir, None, prompt_tokens(0, 9), params) != results[0][0].token_ids
 
 
 def test_merging_off_keeps_the_weights_alone(model_dir, adapter_dirs):
@@ -75,4 +59,4 @@ def test_merging_off_keeps_the_weights_alone(model_dir, adapter_dirs):
     finally:
         engine.shutdown()
     for seed, (length, result) in enumerate(zip((9, 3), results)):
-        assert result.token_ids == reference_completion(model_dir, adapter_dirs["a"], _prompt(seed, length), SamplingParams(max_tokens=12))
+        assert result.token_ids == reference_completion(model_dir, adapter_dirs["a"], prompt_tokens(seed, length), SamplingParams(max_tokens=12))

@@ -14,17 +14,12 @@ import pytest
 from backbone.loading import load_model
 from backbone.sampling import SamplingParams
 from backbone.tokenizer import Tokenizer
-from engine_fixtures import reference_completion, save_random_adapter, save_tiny_model_with_tokenizer
+from engine_fixtures import reference_completion, save_random_adapter
 from server.engine import Engine, EngineConfig, GenerationRequest, RequestHandle
 
 PROMPT = [5, 9, 14, 22, 31, 40]
 PARAMS = SamplingParams(max_tokens=6)
 CPU_ENTRIES = 2  # one held for the pin, one for everything else
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model_with_tokenizer(tmp_path_factory.mktemp("pinned_model"))
 
 
 @pytest.fixture(scope="module")
